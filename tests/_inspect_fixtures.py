@@ -9,11 +9,16 @@ Standard way (whole random documents), exactly ``target_length`` tokens each.
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO / "preprocessing") not in sys.path:  # the package is importable without installation
+    sys.path.insert(0, str(REPO / "preprocessing"))
 
 from nextlong.chunking import chunk_text
 from nextlong.indexed import IndexedDatasetWriter, token_dtype_for_vocab
@@ -24,7 +29,10 @@ TOPICS = {
     "economics": "market price demand supply inflation trade tax money bank policy",
     "chemistry": "atom molecule bond reaction acid electron solution gas element compound",
 }
-FILLER = "the a of and in is to that which with for this are by on as we".split()
+#: The shared real-text corpora, next to the project checkout (absent on a fresh machine).
+SHARED_DATA = REPO.parent / "shared" / "data"
+FILLER = ["the", "a", "of", "and", "in", "is", "to", "that", "which", "with", "for", "this", "are", "by", "on",
+          "as", "we"]
 
 
 def make_documents(n_docs: int = 12, seed: int = 0) -> list[dict]:
@@ -144,7 +152,8 @@ def build_dataset(
     for s in range(n_samples):
         pieces: list[dict] = [{"role": "bos", "meta_index": -1, "chunk_id": -1, "ids": [bos]}]
 
-        def add_chunk(cid: int, role: str, mi: int, rank: int = -1, sim: float = float("nan")) -> None:
+        def add_chunk(cid: int, role: str, mi: int, rank: int = -1, sim: float = float("nan"),
+                      pieces: list[dict] = pieces) -> None:
             if len(pieces) > 1:
                 pieces.append({"role": "separator", "meta_index": mi, "chunk_id": -1, "ids": sep_ids})
             pieces.append({"role": role, "meta_index": mi, "chunk_id": cid, "ids": ids[cid], "rank": rank,

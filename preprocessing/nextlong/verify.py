@@ -667,7 +667,7 @@ def _check_roles(c: _Check, sp: str, spans: dict[str, np.ndarray], res: VerifyRe
     sample, span, mi = spans["sample"], spans["span"], spans["meta_index"]
     bad = ~np.isin(role, list(ROLE_MASK))
     for i in np.flatnonzero(bad).tolist():
-        c.fail(f"{sp}: sample {sample[i]}, span {span[i]}: unknown role {role[i]!r} (allowed: {', '.join(ROLE_MASK)})")
+        c.fail(f"{sp}: sample {sample[i]}, span {span[i]}: unknown role '{role[i]}' (allowed: {', '.join(ROLE_MASK)})")
     special = np.isin(role, ["bos", "eos"])
     for i in np.flatnonzero(special & (mi != -1)).tolist():
         c.fail(f"{sp}: sample {sample[i]}, span {span[i]}: role {role[i]} has meta_index {mi[i]}, expected -1")
