@@ -1,0 +1,111 @@
+"""Command line of ``make_nextlong_bin.py``: corpus -> NExtLong samples as Megatron indexed datasets."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import BUDGETS, METHODS, NEGATIVE_ORDERS, NEGATIVE_SELECTIONS, ConfigError, SynthesisConfig
+
+log = logging.getLogger("nextlong")
+
+DEMO = dict(inputs=["builtin:python-docs"], tokenizer="builtin:cl100k_base", target_length=16384,
+            output_prefix="demo/nextlong_python_docs", max_samples=64)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="make_nextlong_bin.py",
+        description="Synthesize NExtLong long-context samples (meta-chunks + FAISS-mined hard negatives) and "
+                    "write them as GPT-NeoX / megatron-core indexed datasets with a parallel loss-weight mask.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    io = p.add_argument_group("inputs and outputs")
+    io.add_argument("--input", action="append", dest="inputs", metavar="PATH_OR_GLOB",
+                    help="corpus: JSONL (.gz/.zst), Parquet, a directory, a glob, or builtin:python-docs; repeatable")
+    io.add_argument("--mix", type=float, action="append", metavar="WEIGHT",
+                    help="mixing weight of each --input for drawing meta-documents (one per --input)")
+    io.add_argument("--input-name", action="append", dest="input_names", metavar="NAME",
+                    help="name of each --input in the provenance (default: file stem)")
+    io.add_argument("--text-field", default="text", help="JSON key / Parquet column of the document text")
+    io.add_argument("--id-field", default="id", help="JSON key / Parquet column of the document id")
+    io.add_argument("--output-prefix", help="output prefix: <prefix>_text_document.bin, ... (dirs are created)")
+    io.add_argument("--work-dir", help="intermediate files (default: <prefix>.work); reruns resume from it")
+    io.add_argument("--emit-labels", action="store_true",
+                    help="also write <prefix>_label_document (int32 ids, -100 on hard negatives) for stock "
+                         "GPT-NeoX's train_label_data_paths")
+    tk = p.add_argument_group("tokenizer")
+    tk.add_argument("--tokenizer", help="tokenizer.json, a HuggingFace model dir, or builtin:cl100k_base")
+    tk.add_argument("--bos-token", default="auto", help="BOS token string, 'auto' or 'none'")
+    tk.add_argument("--eos-token", default="auto", help="EOS token string, 'auto' or 'none'")
+    tk.add_argument("--separator", default="\n\n", help="text joining consecutive chunks (may be empty)")
+    sy = p.add_argument_group("synthesis (paper Section 3, Appendix C)")
+    sy.add_argument("--target-length", type=int, default=131072, help="tokens per sample, exactly")
+    sy.add_argument("--granularity", type=int, default=2048, help="maximum chunk size s, in characters")
+    sy.add_argument("--candidates", type=int, default=512, help="chunks retrieved per meta-chunk")
+    sy.add_argument("--near-duplicate-threshold", type=float, default=0.95,
+                    help="drop candidates with cosine similarity >= this to the meta-chunk")
+    sy.add_argument("--budget", choices=BUDGETS, default="exact",
+                    help="exact: fill to the target from ranked negatives; paper: k from Appendix C.1")
+    sy.add_argument("--paper-w", type=float, default=1.5, help="adjustment factor w of Appendix C.1 (Eq. 8)")
+    sy.add_argument("--method", choices=METHODS, default="nextlong", help="nextlong, or a baseline")
+    sy.add_argument("--negative-order", choices=NEGATIVE_ORDERS, default="head",
+                    help="meta-chunk position in its extended chunk (Table 5)")
+    sy.add_argument("--negative-selection", choices=NEGATIVE_SELECTIONS, default="topk",
+                    help="which retrieved chunks become negatives (Figure 6)")
+    sy.add_argument("--max-samples", type=int, help="stop after this many samples (default: all meta-documents)")
+    sy.add_argument("--seed", type=int, default=1234, help="seed of every random choice")
+    em = p.add_argument_group("embedding and index")
+    em.add_argument("--embedder", default="hashing",
+                    help="'hashing' (offline TF-IDF projection) or a local sentence-transformers model path")
+    em.add_argument("--embedding-dim", type=int, default=256, help="dimension of the hashing embedder")
+    em.add_argument("--embed-batch-size", type=int, default=64, help="texts per sentence-transformers batch")
+    em.add_argument("--index-factory", default="Flat", help="FAISS factory string (inner product)")
+    em.add_argument("--index-train-size", type=int, default=262144, help="vectors sampled to train IVF/PQ")
+    em.add_argument("--nprobe", type=int, default=64, help="IVF lists searched per query")
+    ru = p.add_argument_group("run")
+    ru.add_argument("--tasks", type=int, default=1, help="parallel local synthesis tasks (bytes do not change)")
+    ru.add_argument("--no-verify", dest="verify", action="store_false", help="skip the dataset check at the end")
+    ru.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    ru.add_argument("--demo", action="store_true",
+                    help="run on the built-in corpus with the built-in tokenizer (16384-token samples, "
+                         "64 samples, prefix demo/nextlong_python_docs) unless flags say otherwise")
+    ru.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    return p
+
+
+def config_from_args(args: argparse.Namespace) -> SynthesisConfig:
+    values = {k: v for k, v in vars(args).items() if k not in ("demo", "verbose", "progress")}
+    if args.demo:
+        for k, v in DEMO.items():
+            if values.get(k) in (None, build_parser().get_default(k)):
+                values[k] = v
+    for flag in ("inputs", "output_prefix", "tokenizer"):
+        if not values.get(flag):
+            raise ConfigError(f"--{flag.rstrip('s').replace('_', '-')}: required (or use --demo)")
+    return SynthesisConfig(**values)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    logging.getLogger("faiss").setLevel(logging.WARNING)
+    from .indexed import IndexedFormatError
+    from .pipeline import SynthesisError, run
+    from .readers import InputError
+    from .tokenization import TokenizerError
+
+    try:
+        cfg = config_from_args(args)
+        manifest = run(cfg, progress=args.progress)
+    except (ConfigError, InputError, TokenizerError, SynthesisError, IndexedFormatError) as e:
+        log.error("%s", e)
+        return 2
+    if cfg.verify:
+        from .pipeline import verify_outputs
+
+        if not verify_outputs(cfg, manifest):
+            return 1
+    return 0

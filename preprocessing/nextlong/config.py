@@ -1,0 +1,140 @@
+"""The synthesis configuration: one dataclass, one docstring per field, validated on construction.
+
+Every field maps to the command-line flag of the same name (underscores -> dashes); errors name the
+flag to fix.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+
+METHODS = ("nextlong", "standard", "knn")
+NEGATIVE_ORDERS = ("head", "tail", "random")
+NEGATIVE_SELECTIONS = ("topk", "random-retrieved", "tailk", "random-doc", "self-repeat")
+BUDGETS = ("exact", "paper")
+
+
+class ConfigError(ValueError):
+    """A flag has a value the pipeline cannot use; the message names the flag."""
+
+
+@dataclass
+class SynthesisConfig:
+    """Everything that determines the bytes of a synthesis run's output."""
+
+    inputs: list[str]
+    """``--input``: paths, globs, directories or ``builtin:python-docs``; JSONL(.gz/.zst) or Parquet."""
+    output_prefix: str
+    """``--output-prefix``: outputs are ``<prefix>_text_document.bin`` etc.; its directory is created."""
+    tokenizer: str
+    """``--tokenizer``: a ``tokenizer.json``, a HuggingFace model directory, or ``builtin:cl100k_base``."""
+    mix: list[float] | None = None
+    """``--mix``: one weight per input; meta-documents are drawn from the inputs in these proportions
+    (the paper mixes FineWeb-Edu and Cosmopedia v2). Every input's chunks are in the retrieval pool."""
+    input_names: list[str] | None = None
+    """``--input-name``: one name per input (default: the file stem); recorded in the spans sidecar."""
+    text_field: str = "text"
+    """``--text-field``: the JSON key / Parquet column holding the document text."""
+    id_field: str = "id"
+    """``--id-field``: the key / column holding a document id (file:line when absent)."""
+    target_length: int = 131072
+    """``--target-length``: tokens per synthesized sample, exactly (BOS and EOS included). Paper: 131072."""
+    granularity: int = 2048
+    """``--granularity``: maximum characters per chunk, s in the paper (Section 3.1.1; default 2048)."""
+    embedder: str = "hashing"
+    """``--embedder``: ``hashing`` (offline TF-IDF projection) or a sentence-transformers model path."""
+    embedding_dim: int = 256
+    """``--embedding-dim``: output dimension of the ``hashing`` embedder."""
+    embed_batch_size: int = 64
+    """``--embed-batch-size``: texts per forward pass of a sentence-transformers model."""
+    index_factory: str = "Flat"
+    """``--index-factory``: FAISS factory string, inner-product metric (``Flat`` exact; ``IVFn,Flat``...)."""
+    index_train_size: int = 262144
+    """``--index-train-size``: vectors sampled to train an IVF/PQ index."""
+    nprobe: int = 64
+    """``--nprobe``: IVF lists visited per query (ignored by ``Flat``)."""
+    candidates: int = 512
+    """``--candidates``: chunks retrieved per meta-chunk before filtering (paper Section 5.3: 512)."""
+    near_duplicate_threshold: float = 0.95
+    """``--near-duplicate-threshold``: candidates whose cosine similarity to the meta-chunk is at or above
+    this are near-duplicates and dropped (exact duplicates are dropped by text hash)."""
+    separator: str = "\n\n"
+    """``--separator``: text between consecutive chunks, tokenized once; mask value 1. May be empty."""
+    bos_token: str = "auto"
+    """``--bos-token``: token string placed first in every sample; ``auto`` or ``none``."""
+    eos_token: str = "auto"
+    """``--eos-token``: token string placed last in every sample; ``auto`` or ``none``."""
+    budget: str = "exact"
+    """``--budget``: ``exact`` fills each meta-chunk's share of the target from its ranked negatives;
+    ``paper`` takes k = (T*E*w - S)/(p*s) negatives per meta-chunk (Appendix C.1), then truncates."""
+    paper_w: float = 1.5
+    """``--paper-w``: the adjustment factor w of Appendix C.1, Eq. 8 (paper: 1.5)."""
+    method: str = "nextlong"
+    """``--method``: ``nextlong``; baselines ``standard`` (random whole documents) and ``knn`` (each
+    document followed by its most similar documents), written in the same format."""
+    negative_order: str = "head"
+    """``--negative-order``: where the meta-chunk sits in its extended chunk (paper Table 5; head = first)."""
+    negative_selection: str = "topk"
+    """``--negative-selection``: Figure 6 ablations: topk, random-retrieved, tailk, random-doc, self-repeat."""
+    max_samples: int | None = None
+    """``--max-samples``: stop after this many samples (default: one per meta-document)."""
+    seed: int = 1234
+    """``--seed``: drives the meta-document order, all random choices and the hashing embedder."""
+    emit_labels: bool = False
+    """``--emit-labels``: also write ``<prefix>_label_document`` (int32 ids, -100 on hard negatives)."""
+    work_dir: str | None = None
+    """``--work-dir``: intermediate files (chunks, tokens, embeddings, index); default ``<prefix>.work``."""
+    tasks: int = 1
+    """``--tasks``: parallel local tasks for the synthesis stage (output bytes do not depend on it)."""
+    verify: bool = True
+    """``--no-verify`` turns off the dataset check at the end of the run."""
+    extra: dict = field(default_factory=dict)
+    """Reserved for settings recorded in the manifest but not affecting bytes."""
+
+    def __post_init__(self) -> None:
+        def need(cond: bool, flag: str, msg: str) -> None:
+            if not cond:
+                raise ConfigError(f"{flag}: {msg}")
+
+        need(bool(self.inputs), "--input", "give at least one input")
+        need(bool(self.output_prefix), "--output-prefix", "required")
+        need(self.target_length >= 16, "--target-length", f"must be >= 16 tokens, got {self.target_length}")
+        need(self.target_length < 2**31, "--target-length", "must fit an int32 sequence length")
+        need(self.granularity >= 16, "--granularity", f"must be >= 16 characters, got {self.granularity}")
+        need(self.candidates >= 1, "--candidates", "must be >= 1")
+        need(0.0 < self.near_duplicate_threshold <= 1.0, "--near-duplicate-threshold", "must be in (0, 1]")
+        need(self.budget in BUDGETS, "--budget", f"choose from {BUDGETS}")
+        need(self.paper_w > 0, "--paper-w", "must be > 0")
+        need(self.method in METHODS, "--method", f"choose from {METHODS}")
+        need(self.negative_order in NEGATIVE_ORDERS, "--negative-order", f"choose from {NEGATIVE_ORDERS}")
+        need(self.negative_selection in NEGATIVE_SELECTIONS, "--negative-selection",
+             f"choose from {NEGATIVE_SELECTIONS}")
+        need(self.max_samples is None or self.max_samples >= 1, "--max-samples", "must be >= 1")
+        need(self.tasks >= 1, "--tasks", "must be >= 1")
+        need(self.embedding_dim >= 8, "--embedding-dim", "must be >= 8")
+        need(self.nprobe >= 1, "--nprobe", "must be >= 1")
+        if self.mix is not None:
+            need(len(self.mix) == len(self.inputs), "--mix", f"give one weight per --input ({len(self.inputs)})")
+            need(all(w > 0 for w in self.mix), "--mix", "weights must be > 0")
+        if self.input_names is not None:
+            need(len(self.input_names) == len(self.inputs), "--input-name", "give one name per --input")
+
+    @property
+    def resolved_work_dir(self) -> str:
+        return self.work_dir or f"{self.output_prefix}.work"
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def stage_key(self, stage: str) -> dict:
+        """The settings a stage's output depends on (a change invalidates that stage and later ones)."""
+        c = self
+        keys = {
+            "chunk": dict(inputs=c.inputs, mix=c.mix, input_names=c.input_names, text_field=c.text_field,
+                          id_field=c.id_field, granularity=c.granularity),
+            "tokenize": dict(tokenizer=c.tokenizer),
+            "embed": dict(embedder=c.embedder, embedding_dim=c.embedding_dim, seed=c.seed),
+            "index": dict(index_factory=c.index_factory, index_train_size=c.index_train_size, seed=c.seed),
+        }
+        return keys[stage]

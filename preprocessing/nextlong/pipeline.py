@@ -1,0 +1,345 @@
+"""Run the stages in order, each skipped when its completion marker matches the configuration.
+
+Stages (each a function of the configuration and files on disk):
+
+====== ================================================ =============================================
+stage  reads                                            writes (in the work directory)
+====== ================================================ =============================================
+chunk  the inputs                                       chunks.parquet, docs.parquet, rejects.jsonl
+tokens chunks.parquet                                   tokens.npy, token_offsets.npy
+embed  chunks.parquet                                   embeddings.npy
+index  embeddings.npy                                   index.faiss
+synth  all of the above                                 synth/part-XXXXX_* (one set per task)
+merge  synth/                                           <prefix>_{text,lossweight,label}_document.*,
+                                                        <prefix>_spans.parquet, _manifest.json
+====== ================================================ =============================================
+
+A stage's marker ``<stage>.done.json`` holds the settings it depends on (its own and every earlier
+stage's) and its statistics; a rerun with the same settings skips it, a changed setting redoes it and
+everything after it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import platform
+import resource
+import subprocess
+import sys
+import time
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import numpy as np
+
+from .config import SynthesisConfig
+
+log = logging.getLogger(__name__)
+
+STAGES = ("chunk", "tokenize", "embed", "index")
+
+
+class SynthesisError(RuntimeError):
+    """The run cannot produce a dataset (e.g. the corpus is too small to fill one sample)."""
+
+
+def _progress_factory(enabled: bool):
+    def make(total=None, desc="", unit="it"):
+        from tqdm.auto import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, mininterval=2.0, dynamic_ncols=True)
+
+    return make
+
+
+def _marker(work: Path, stage: str) -> Path:
+    return work / f"{stage}.done.json"
+
+
+def _key_hash(key: dict) -> str:
+    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def _read_marker(work: Path, stage: str, key: dict) -> dict | None:
+    p = _marker(work, stage)
+    if not p.exists():
+        return None
+    try:
+        m = json.loads(p.read_text())
+    except json.JSONDecodeError:
+        log.warning("%s: unreadable marker; the stage is redone", p)
+        return None
+    return m if m.get("key_hash") == _key_hash(key) else None
+
+
+def _write_marker(work: Path, stage: str, key: dict, stats: dict, seconds: float) -> None:
+    p = _marker(work, stage)
+    tmp = p.with_name(p.name + f".tmp-{os.getpid()}")
+    tmp.write_text(json.dumps({"key": key, "key_hash": _key_hash(key), "stats": stats, "seconds": seconds},
+                              indent=1, sort_keys=True, default=str))
+    os.replace(tmp, p)
+
+
+def _versions() -> dict:
+    out = {"python": platform.python_version()}
+    for mod in ("numpy", "pyarrow", "faiss", "tokenizers", "transformers", "scipy", "sentence_transformers",
+                "torch"):
+        if mod in ("sentence_transformers", "torch") and mod not in sys.modules:
+            continue
+        try:
+            out[mod] = __import__(mod).__version__
+        except (ImportError, AttributeError):
+            out[mod] = None
+    from . import __version__
+
+    out["nextlong"] = __version__
+    return out
+
+
+def _git_commit() -> str | None:
+    here = Path(__file__).resolve().parent
+    try:
+        res = subprocess.run(["git", "-C", str(here), "rev-parse", "HEAD"], capture_output=True, text=True,
+                             timeout=10, check=False)
+    except (OSError, subprocess.SubprocessError):
+        return None
+    if res.returncode != 0:
+        return None
+    dirty = subprocess.run(["git", "-C", str(here), "status", "--porcelain", "--untracked-files=no"],
+                           capture_output=True, text=True, timeout=10, check=False).stdout.strip()
+    return res.stdout.strip() + ("-dirty" if dirty else "")
+
+
+def _peak_rss_mib() -> float:
+    own = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    kids = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    return max(own, kids) / 1024.0  # Linux reports KiB
+
+
+def _synth_key(cfg: SynthesisConfig) -> dict:
+    keep = {k: v for k, v in cfg.to_dict().items()
+            if k not in ("output_prefix", "work_dir", "tasks", "verify", "extra", "max_samples")}
+    return keep
+
+
+# --- worker entry points (module level so that a spawned process can import them) ---
+_CTX = None
+
+
+def _init_worker(cfg_dict: dict, work: str, specials: dict, cpt: float, vocab: int) -> None:
+    global _CTX
+    from .synthesize import PartContext
+
+    logging.basicConfig(level=logging.WARNING)
+    _CTX = PartContext(SynthesisConfig(**cfg_dict), Path(work), specials, cpt, vocab)
+
+
+def _run_worker(part: int, start: int, slots: np.ndarray) -> dict:
+    from .synthesize import run_part
+
+    return run_part(_CTX, part, slots, start)
+
+
+def run(cfg: SynthesisConfig, progress: bool = True) -> dict:
+    """Run every stage; returns the manifest (also written to ``<prefix>_manifest.json``)."""
+    from . import embedding, index, pool, synthesize
+    from .tokenization import load_tokenizer
+
+    t_start = time.time()
+    work = Path(cfg.resolved_work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    prog = _progress_factory(progress)
+    timings: dict[str, float] = {}
+    stage_stats: dict[str, dict] = {}
+
+    tok = load_tokenizer(cfg.tokenizer, cfg.bos_token, cfg.eos_token)
+    log.info("tokenizer %s: vocabulary %d, bos %s (%s), eos %s (%s), sha256 %s", cfg.tokenizer, tok.vocab_size,
+             tok.bos_token, tok.bos_id, tok.eos_token, tok.eos_id, tok.sha256[:12])
+
+    key: dict = {}
+    for stage in STAGES:
+        key = {**key, **cfg.stage_key(stage)}
+        if stage == "tokenize":
+            key["tokenizer_sha256"] = tok.sha256
+        done = _read_marker(work, stage, key)
+        if done is not None:
+            log.info("%s: up to date (%s), skipped", stage, _marker(work, stage))
+            stage_stats[stage] = done["stats"]
+            timings[stage] = 0.0
+            continue
+        t0 = time.time()
+        if stage == "chunk":
+            stats = pool.build_chunks(cfg, work, prog)
+            if stats["chunks"] == 0:
+                raise SynthesisError(f"no usable document in {cfg.inputs} (rejected: {stats['rejected']})")
+        elif stage == "tokenize":
+            stats = pool.tokenize_chunks(tok, work, prog)
+        elif stage == "embed":
+            emb = embedding.make_embedder(cfg.embedder, cfg.seed, cfg.embedding_dim, cfg.embed_batch_size)
+            stats = pool.embed_chunks(emb, work, prog)
+        else:
+            vecs = np.load(work / "embeddings.npy", mmap_mode="r")
+            idx = index.build_index(vecs, cfg.index_factory, cfg.index_train_size, cfg.seed, nprobe=cfg.nprobe)
+            index.save_index(idx, work / "index.faiss")
+            stats = {"factory": cfg.index_factory, "ntotal": int(idx.ntotal)}
+            log.info("index: %s over %d vectors", cfg.index_factory, idx.ntotal)
+        timings[stage] = round(time.time() - t0, 3)
+        _write_marker(work, stage, key, stats, timings[stage])
+        stage_stats[stage] = stats
+
+    # --- synthesis, in parts ---
+    t0 = time.time()
+    p = pool.load_pool(work)
+    weights = {}
+    from .readers import parse_input_specs
+
+    for spec in parse_input_specs(cfg.inputs, cfg.mix, cfg.input_names):
+        weights[spec.name] = spec.weight
+    order = synthesize.meta_document_order(p, weights, cfg.seed)
+    plan = synthesize.plan_parts(len(order), cfg.tasks)
+    sep_ids = tok.encode(cfg.separator) if cfg.separator else []
+    specials = {"bos": [tok.bos_id] if tok.bos_id is not None else [],
+                "eos": [tok.eos_id] if tok.eos_id is not None else [], "sep": sep_ids}
+    cpt = float(stage_stats["tokenize"]["chars_per_token"])
+    skey = {**key, **_synth_key(cfg), "tokenizer_sha256": tok.sha256, "plan": plan,
+            "max_samples": cfg.max_samples}
+    key_file = work / "synth" / "key.json"
+    if key_file.exists() and json.loads(key_file.read_text()).get("key_hash") != _key_hash(skey):
+        log.info("synth: settings changed since the last run; previous parts are discarded")
+        synthesize.clear_parts(work)
+    key_file.parent.mkdir(parents=True, exist_ok=True)
+    key_file.write_text(json.dumps({"key_hash": _key_hash(skey), "key": skey}, default=str, sort_keys=True))
+    todo = []
+    part_stats: list[dict | None] = [None] * len(plan)
+    for i in range(len(plan)):
+        m = synthesize.part_paths(work, i)["marker"]
+        if m.exists():
+            part_stats[i] = json.loads(m.read_text())
+        else:
+            todo.append(i)
+    if len(todo) < len(plan):
+        log.info("synth: %d of %d parts already complete, skipped", len(plan) - len(todo), len(plan))
+    log.info("synth: %d meta-documents in %d part(s), target %d tokens, method %s", len(order), len(plan),
+             cfg.target_length, cfg.method)
+    if todo:
+        if cfg.tasks == 1 or len(todo) == 1:
+            ctx = synthesize.PartContext(cfg, work, specials, cpt, tok.vocab_size)
+            for i in todo:
+                a, b = plan[i]
+                bar = prog(total=b - a, desc=f"synth part {i}", unit="doc")
+                part_stats[i] = synthesize.run_part(ctx, i, order[a:b], a, progress=bar.update)
+                bar.close()
+        else:
+            import multiprocessing as mp
+
+            with ProcessPoolExecutor(max_workers=min(cfg.tasks, len(todo)), mp_context=mp.get_context("spawn"),
+                                     initializer=_init_worker,
+                                     initargs=(cfg.to_dict(), str(work), specials, cpt, tok.vocab_size)) as ex:
+                futs = {i: ex.submit(_run_worker, i, plan[i][0], order[plan[i][0]:plan[i][1]]) for i in todo}
+                for i, f in futs.items():
+                    part_stats[i] = f.result()
+                    log.info("synth: part %d done: %d samples", i, part_stats[i]["samples"])
+    timings["synthesize"] = round(time.time() - t0, 3)
+
+    dropped: dict[str, int] = {}
+    for s in part_stats:
+        for r, n in s["dropped"].items():
+            dropped[r] = dropped.get(r, 0) + n
+    produced = sum(s["samples"] for s in part_stats)
+    if produced == 0:
+        raise SynthesisError(
+            f"the corpus is too small to fill even one sample of {cfg.target_length} tokens: "
+            f"{len(order)} meta-documents, {p.n_chunks} chunks ({int(p.offsets[-1])} tokens) in the pool; "
+            f"dropped {dropped}. Lower --target-length or add input documents."
+        )
+    t0 = time.time()
+    merged = synthesize.merge_parts(work, len(plan), cfg.output_prefix, cfg.emit_labels, cfg.max_samples)
+    timings["merge"] = round(time.time() - t0, 3)
+
+    rejects_src = work / "rejects.jsonl"
+    rejects_dst = Path(f"{cfg.output_prefix}_rejects.jsonl")
+    tmp = rejects_dst.with_name(f".{rejects_dst.name}.tmp-{os.getpid()}")
+    tmp.write_bytes(rejects_src.read_bytes() if rejects_src.exists() else b"")
+    os.replace(tmp, rejects_dst)
+
+    overfill = [x for s in part_stats for x in s.get("paper_budget_overfill_tokens", [])]
+    slots_processed = sum(s["slots_processed"] for s in part_stats)
+    wall = time.time() - t_start
+    prefix_name = Path(cfg.output_prefix).name
+    manifest = {
+        "format": "nextlong-neox/1 (docs/format.md)",
+        "config": cfg.to_dict(),
+        "seed": cfg.seed,
+        "versions": _versions(),
+        "git_commit": _git_commit(),
+        "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
+        "tokenizer": {"spec": cfg.tokenizer, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
+                      "bos_token": tok.bos_token, "bos_id": tok.bos_id, "eos_token": tok.eos_token,
+                      "eos_id": tok.eos_id, "separator_ids": sep_ids,
+                      "token_dtype": str(np.dtype(synthesize.token_dtype_for_vocab(tok.vocab_size)))},
+        "files": {
+            "text": f"{prefix_name}_text_document",
+            "lossweight": f"{prefix_name}_lossweight_document",
+            "label": f"{prefix_name}_label_document" if cfg.emit_labels else None,
+            "spans": f"{prefix_name}_spans.parquet",
+            "rejects": f"{prefix_name}_rejects.jsonl",
+            "work_dir": os.path.relpath(work, Path(cfg.output_prefix).parent),
+        },
+        "counts": {
+            "documents_in": stage_stats["chunk"]["documents"],
+            "documents_per_input": stage_stats["chunk"]["documents_per_input"],
+            "inputs_rejected": stage_stats["chunk"]["rejected"],
+            "chunks": stage_stats["chunk"]["chunks"],
+            "pool_tokens": stage_stats["tokenize"]["tokens"],
+            "chars_per_token": cpt,
+            "meta_documents_ordered": len(order),
+            "meta_documents_processed": slots_processed,
+            "samples_out": merged["samples"],
+            "tokens_out": merged["tokens"],
+            "dropped": dict(sorted(dropped.items())),
+            "filtered_candidates": {k: sum(s.get("filtered_candidates", {}).get(k, 0) for s in part_stats)
+                                    for k in ("same_document", "duplicate")},
+        },
+        "paper_budget": None if cfg.budget != "paper" else {
+            "samples_overfilled": int(sum(1 for x in overfill if x > 0)),
+            "mean_overfill_tokens": float(np.mean(overfill)) if overfill else 0.0,
+            "underfilled_dropped": dropped.get("paper_budget_underfill", 0),
+        },
+        "stages": {k: v for k, v in stage_stats.items()},
+        "stage_seconds": timings,
+        "wall_seconds": round(wall, 3),
+        "tokens_per_second": round(merged["tokens"] / wall, 1) if wall > 0 else None,
+        "peak_rss_mib": round(_peak_rss_mib(), 1),
+    }
+    _write_manifest(cfg.output_prefix, manifest)
+    log.info(
+        "done: %d documents in -> %d samples x %d tokens (%d tokens) in %.1f s (%.0f tokens/s), dropped %s, "
+        "peak RSS %.0f MiB; stages %s",
+        manifest["counts"]["documents_in"], merged["samples"], cfg.target_length, merged["tokens"], wall,
+        manifest["tokens_per_second"] or 0, dropped or "none", manifest["peak_rss_mib"], timings,
+    )
+    return manifest
+
+
+def _write_manifest(prefix: str, manifest: dict) -> Path:
+    path = Path(f"{prefix}_manifest.json")
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(json.dumps(manifest, indent=2, sort_keys=False, default=str) + "\n")
+    os.replace(tmp, path)
+    return path
+
+
+def verify_outputs(cfg: SynthesisConfig, manifest: dict) -> bool:
+    """Check the written dataset with :mod:`nextlong.verify`; log every failure. Returns True when sound."""
+    from .verify import verify_dataset
+
+    res = verify_dataset(cfg.output_prefix, decode=2)
+    if res.ok:
+        log.info("verify: %s: all checks passed", cfg.output_prefix)
+    for f in res.failures:
+        log.error("verify: %s", f)
+    return bool(res.ok)

@@ -1,0 +1,315 @@
+"""The synthesis stage: meta-document order, mining + assembly per part, and the merge.
+
+Determinism across layouts: meta-documents are put in one global order (a seeded shuffle per input,
+interleaved by ``--mix`` weights); that order is cut into fixed blocks of :data:`BLOCK` slots, and a task
+takes a contiguous run of whole blocks. Every slot draws its random numbers from its own stream
+``default_rng([seed, slot])``; FAISS similarities are recomputed exactly (see :mod:`nextlong.mining`). So a
+slot's sample does not depend on which task made it, and the merged output is byte-identical for any
+``--tasks``.
+
+Each part is written under a temporary name and completed by its ``part-XXXXX.json`` marker (written
+last); a rerun skips completed parts and redoes the others from scratch, so a killed task neither loses
+nor duplicates a sample.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shutil
+import time
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from .assemble import ROLE_NEG, Dropped, Specials, build_concat, build_nextlong
+from .indexed import IndexedDatasetWriter, read_indexed, token_dtype_for_vocab, write_index
+from .mining import filter_candidates, retrieve_block
+
+log = logging.getLogger(__name__)
+
+BLOCK = 64  #: slots per block; fixed so that FAISS batches never depend on the task layout
+DATASETS = ("text", "lossweight", "label")
+SPAN_COLUMNS = ("sample", "span", "start", "length", "role", "meta_index", "corpus", "doc_id", "chunk_id",
+                "rank", "similarity", "truncated")
+
+
+def meta_document_order(pool, corpus_weights: dict[str, float], seed: int) -> np.ndarray:
+    """Doc ordinals in synthesis order: each input shuffled with its own seeded stream, then interleaved
+    by smooth weighted round-robin; stops when an input runs out, so the mix holds."""
+    per: list[np.ndarray] = []
+    weights: list[float] = []
+    for code, name in enumerate(pool.corpora):
+        docs = np.flatnonzero(pool.doc_corpus_code == code)
+        # order by the document's position in its input, then shuffle: independent of other inputs
+        docs = docs[np.argsort(pool.doc_corpus_index[docs], kind="stable")]
+        rng = np.random.default_rng([seed, 0xD0C, code])
+        per.append(docs[rng.permutation(len(docs))])
+        weights.append(float(corpus_weights.get(name, 1.0)))
+    if len(per) == 1:
+        return per[0]
+    total = sum(weights)
+    current = [0.0] * len(per)
+    pos = [0] * len(per)
+    out: list[int] = []
+    while True:
+        for i, w in enumerate(weights):
+            current[i] += w
+        i = max(range(len(per)), key=lambda j: (current[j], -j))
+        current[i] -= total
+        if pos[i] >= len(per[i]):
+            break
+        out.append(int(per[i][pos[i]]))
+        pos[i] += 1
+    return np.asarray(out, dtype=np.int64)
+
+
+def part_paths(work: Path, part: int) -> dict[str, Path]:
+    base = work / "synth" / f"part-{part:05d}"
+    return {
+        "marker": Path(f"{base}.json"),
+        "spans": Path(f"{base}_spans.parquet"),
+        **{name: Path(f"{base}_{name}_document") for name in DATASETS},
+    }
+
+
+def plan_parts(n_slots: int, tasks: int) -> list[tuple[int, int]]:
+    """Slot ranges [start, end) per task: contiguous runs of whole blocks."""
+    n_blocks = (n_slots + BLOCK - 1) // BLOCK
+    tasks = max(1, min(tasks, n_blocks)) if n_blocks else 1
+    bounds = [round(i * n_blocks / tasks) for i in range(tasks + 1)]
+    return [(min(n_slots, bounds[i] * BLOCK), min(n_slots, bounds[i + 1] * BLOCK)) for i in range(tasks)]
+
+
+class PartContext:
+    """What a synthesis task loads once: the pool, the index, the special tokens."""
+
+    def __init__(self, cfg, work: Path, specials: dict, chars_per_token: float, vocab_size: int) -> None:
+        from .index import load_index
+        from .pool import load_pool
+
+        self.cfg = cfg
+        self.work = work
+        self.pool = load_pool(work)
+        self.index = load_index(work / "index.faiss", nprobe=cfg.nprobe) if cfg.method == "nextlong" else None
+        self.specials = Specials(*(np.asarray(specials[k], dtype=np.int32) for k in ("bos", "eos", "sep")))
+        self.chars_per_token = chars_per_token
+        self.token_dtype = token_dtype_for_vocab(vocab_size)
+        self._doc_index = None
+
+    def doc_neighbours(self, docs: list[int], k: int):
+        """knn baseline: documents most similar to each of ``docs`` (mean chunk embedding, inner product)."""
+        import faiss
+
+        pool = self.pool
+        if self._doc_index is None:
+            emb = np.add.reduceat(np.asarray(pool.embeddings, dtype=np.float32), pool.doc_first, axis=0)
+            emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
+            self._doc_emb = emb
+            self._doc_index = faiss.IndexFlatIP(emb.shape[1])
+            self._doc_index.add(emb)
+        _, ids = self._doc_index.search(self._doc_emb[docs], min(k, pool.n_docs))
+        out = []
+        for q, d in enumerate(docs):
+            row = ids[q][ids[q] >= 0]
+            sims = self._doc_emb[row] @ self._doc_emb[d]
+            order = np.lexsort((row, -sims))
+            out.append((row[order], sims[order].astype(np.float32)))
+        return out
+
+
+def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, progress=None) -> dict:
+    """Synthesize the samples of ``slots`` (global slot numbers ``slot_start``...) into part ``part``."""
+    cfg, pool = ctx.cfg, ctx.pool
+    paths = part_paths(ctx.work, part)
+    paths["marker"].parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    writers = {
+        "text": IndexedDatasetWriter(paths["text"], ctx.token_dtype),
+        "lossweight": IndexedDatasetWriter(paths["lossweight"], np.uint8),
+    }
+    if cfg.emit_labels:
+        writers["label"] = IndexedDatasetWriter(paths["label"], np.int32)
+    spans: dict[str, list] = {c: [] for c in SPAN_COLUMNS}
+    dropped: Counter[str] = Counter()
+    filt: Counter[str] = Counter()
+    overfill: list[int] = []
+    produced = 0
+    slots_done = 0
+    limit = cfg.max_samples
+    try:
+        for b in range(0, len(slots), BLOCK):
+            if limit is not None and produced >= limit:
+                break
+            block = [int(d) for d in slots[b : b + BLOCK]]
+            if cfg.method == "nextlong" and cfg.negative_selection not in ("random-doc", "self-repeat"):
+                meta_ids = np.concatenate([np.arange(pool.doc_first[d], pool.doc_first[d] + pool.doc_nchunks[d])
+                                           for d in block])
+                k = cfg.candidates + int(max(pool.doc_nchunks[d] for d in block))
+                all_ids, all_sims = retrieve_block(pool, ctx.index, meta_ids, k)
+                row_of = {int(c): r for r, c in enumerate(meta_ids)}
+            neighbours = ctx.doc_neighbours(block, cfg.candidates + 1) if cfg.method == "knn" else None
+            for j, d in enumerate(block):
+                slot = slot_start + b + j
+                slots_done += 1
+                if limit is not None and produced >= limit:
+                    break
+                rng = np.random.default_rng([cfg.seed, slot])
+                try:
+                    if cfg.method == "nextlong":
+                        cands = []
+                        if cfg.negative_selection not in ("random-doc", "self-repeat"):
+                            for m in range(pool.doc_first[d], pool.doc_first[d] + pool.doc_nchunks[d]):
+                                r = row_of[int(m)]
+                                c = filter_candidates(pool, int(m), all_ids[r], all_sims[r], cfg.candidates,
+                                                      cfg.near_duplicate_threshold)
+                                filt["same_document"] += c.dropped_same_doc
+                                filt["duplicate"] += c.dropped_duplicate
+                                cands.append(c)
+                        sample = build_nextlong(pool, cfg, ctx.specials, d, cands, rng, ctx.chars_per_token)
+                    else:
+                        sample = build_concat(pool, cfg, ctx.specials, d, neighbours[j] if neighbours else None,
+                                              rng)
+                except Dropped as e:
+                    dropped[e.reason] += 1
+                    continue
+                if "overfill_tokens" in sample.stats:
+                    overfill.append(sample.stats["overfill_tokens"])
+                writers["text"].add_document(sample.tokens)
+                writers["lossweight"].add_document(sample.mask)
+                if "label" in writers:
+                    writers["label"].add_document(np.where(sample.mask == 1, sample.tokens, -100).astype(np.int32))
+                for s_i, (start, length, role, meta_index, cid, rank, sim, trunc) in enumerate(sample.spans):
+                    spans["sample"].append(produced)
+                    spans["span"].append(s_i)
+                    spans["start"].append(start)
+                    spans["length"].append(length)
+                    spans["role"].append(role)
+                    spans["meta_index"].append(meta_index)
+                    if cid >= 0:
+                        spans["corpus"].append(pool.corpora[pool.chunk_corpus_code[cid]])
+                        spans["doc_id"].append(pool.doc_ids[pool.chunk_doc[cid]])
+                    else:
+                        spans["corpus"].append("")
+                        spans["doc_id"].append("")
+                    spans["chunk_id"].append(cid)
+                    spans["rank"].append(rank)
+                    spans["similarity"].append(sim)
+                    spans["truncated"].append(trunc)
+                produced += 1
+            if progress is not None:
+                progress(len(block))
+        _write_spans(paths["spans"], spans)
+        for w in writers.values():
+            w.finalize()
+    except BaseException:
+        for w in writers.values():
+            w.abort()
+        raise
+    stats = {
+        "part": part, "slot_start": slot_start, "slots": len(slots), "slots_processed": slots_done,
+        "samples": produced, "dropped": dict(sorted(dropped.items())), "filtered_candidates": dict(filt),
+        "negative_spans": int(sum(1 for r in spans["role"] if r == ROLE_NEG)),
+        "paper_budget_overfill_tokens": overfill, "seconds": round(time.time() - t0, 3),
+    }
+    tmp = paths["marker"].with_name(paths["marker"].name + ".tmp")
+    tmp.write_text(json.dumps(stats, indent=1, sort_keys=True))
+    os.replace(tmp, paths["marker"])
+    return stats
+
+
+def _write_spans(path: Path, spans: dict[str, list]) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    table = pa.table({
+        "sample": pa.array(spans["sample"], pa.int64()),
+        "span": pa.array(spans["span"], pa.int32()),
+        "start": pa.array(spans["start"], pa.int64()),
+        "length": pa.array(spans["length"], pa.int32()),
+        "role": pa.array(spans["role"], pa.string()),
+        "meta_index": pa.array(spans["meta_index"], pa.int32()),
+        "corpus": pa.array(spans["corpus"], pa.string()),
+        "doc_id": pa.array(spans["doc_id"], pa.string()),
+        "chunk_id": pa.array(spans["chunk_id"], pa.int64()),
+        "rank": pa.array(spans["rank"], pa.int32()),
+        "similarity": pa.array(spans["similarity"], pa.float32()),
+        "truncated": pa.array(spans["truncated"], pa.bool_()),
+    })
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    pq.write_table(table, tmp, compression="zstd")
+    os.replace(tmp, path)
+
+
+def merge_parts(work: Path, n_parts: int, out_prefix: str, emit_labels: bool, max_samples: int | None) -> dict:
+    """Concatenate the parts, in order, into the final datasets (document index rebuilt), keeping at most
+    ``max_samples`` samples; the ``.idx`` of each dataset is renamed into place last."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    names = ["text", "lossweight"] + (["label"] if emit_labels else [])
+    parts = [part_paths(work, i) for i in range(n_parts)]
+    readers = [{n: read_indexed(p[n]) for n in names} for p in parts]
+    takes = []
+    left = max_samples if max_samples is not None else float("inf")
+    for r in readers:
+        n = int(min(len(r["text"]), left))
+        takes.append(n)
+        left -= n
+    total = sum(takes)
+    for name in names:
+        final = f"{out_prefix}_{name}_document"
+        dtype = readers[0][name].dtype if readers else np.dtype(np.int32)
+        bin_path = Path(f"{final}.bin")
+        bin_path.parent.mkdir(parents=True, exist_ok=True)
+        tmp_bin = bin_path.with_name(f".{bin_path.name}.tmp-{os.getpid()}")
+        lengths = []
+        with open(tmp_bin, "wb") as out:
+            for r, n in zip(readers, takes, strict=True):
+                ds = r[name]
+                if n == 0:
+                    continue
+                nbytes = int(ds.pointers[n - 1]) + int(ds.lengths[n - 1]) * ds.dtype.itemsize
+                with open(f"{ds.prefix}.bin", "rb") as src:
+                    _copy_bytes(src, out, nbytes)
+                lengths.append(np.asarray(ds.lengths[:n]))
+            out.flush()
+            os.fsync(out.fileno())
+        lengths_arr = np.concatenate(lengths).astype(np.int32) if lengths else np.zeros(0, np.int32)
+        pointers = np.zeros(len(lengths_arr), dtype=np.int64)
+        if len(lengths_arr) > 1:
+            np.cumsum(lengths_arr[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
+        write_index(Path(f"{final}.idx"), dtype, lengths_arr, pointers, np.arange(total + 1, dtype=np.int64),
+                    before_rename=lambda tb=tmp_bin, bp=bin_path: os.replace(tb, bp))
+    tables = []
+    offset = 0
+    for p, n in zip(parts, takes, strict=True):
+        t = pq.read_table(p["spans"])
+        t = t.filter(pa.compute.less(t.column("sample"), n))
+        t = t.set_column(0, "sample", pa.compute.add(t.column("sample"), pa.scalar(offset, pa.int64())))
+        tables.append(t)
+        offset += n
+    spans = pa.concat_tables(tables) if tables else None
+    spans_path = Path(f"{out_prefix}_spans.parquet")
+    tmp = spans_path.with_name(f".{spans_path.name}.tmp-{os.getpid()}")
+    if spans is not None:
+        pq.write_table(spans, tmp, compression="zstd")
+        os.replace(tmp, spans_path)
+    tokens = sum(int(np.sum(r["text"].lengths[:n], dtype=np.int64)) for r, n in zip(readers, takes, strict=True))
+    return {"samples": total, "tokens": tokens}
+
+
+def _copy_bytes(src, dst, nbytes: int, bufsize: int = 64 << 20) -> None:
+    left = nbytes
+    while left > 0:
+        buf = src.read(min(bufsize, left))
+        if not buf:
+            raise OSError(f"{src.name}: ended {left} bytes early")
+        dst.write(buf)
+        left -= len(buf)
+
+
+def clear_parts(work: Path) -> None:
+    shutil.rmtree(work / "synth", ignore_errors=True)
