@@ -79,6 +79,11 @@ class DatasetPaths:
         return self.work_dir / "chunks.parquet"
 
     @property
+    def chunk_tokens(self) -> Path:
+        """Token ids of every chunk back to back (``tokens.npy``), sliced by ``token_offsets.npy``."""
+        return self.work_dir / "tokens.npy"
+
+    @property
     def embeddings(self) -> Path:
         return self.work_dir / "embeddings.npy"
 
@@ -160,6 +165,22 @@ def resolve_paths(prefix: str | os.PathLike) -> DatasetPaths:
         rejects=pick("rejects", f"{p.name}_rejects.jsonl"),
         work_dir=pick("work_dir", f"{p.name}.work"),
     )
+
+
+def chunk_token_counts(paths: DatasetPaths, n_chunks: int | None = None) -> np.ndarray | None:
+    """Tokens of every chunk: the ``n_tokens`` column of ``chunks.parquet``, else the differences of
+    ``token_offsets.npy`` in the work directory; None when neither is there."""
+    import pyarrow.parquet as pq
+
+    if paths.chunks.exists() and "n_tokens" in pq.read_schema(paths.chunks).names:
+        return pq.read_table(paths.chunks, columns=["n_tokens"]).column("n_tokens").to_numpy().astype(np.int64)
+    off = paths.work_dir / "token_offsets.npy"
+    if off.exists():
+        o = np.load(off, mmap_mode="r")
+        counts = np.diff(np.asarray(o, dtype=np.int64))
+        if n_chunks is None or len(counts) == n_chunks:
+            return counts
+    return None
 
 
 def read_spans(path: Path, columns: list[str] | None = None) -> dict[str, np.ndarray]:
@@ -570,8 +591,12 @@ def verify_dataset(
         else:
             import pyarrow.parquet as pq
 
-            chunks = pq.read_table(paths.chunks, columns=["corpus", "doc_id", "n_tokens"])
-            _check_chunks(c, str(paths.spans), spans, chunks)
+            chunks = pq.read_table(paths.chunks, columns=["corpus", "doc_id"])
+            n_tokens = chunk_token_counts(paths, chunks.num_rows)
+            if n_tokens is None:
+                res.warnings.append(f"{paths.chunks}: no n_tokens column and no token_offsets.npy; span lengths "
+                                    f"not compared with chunk lengths")
+            _check_chunks(c, str(paths.spans), spans, chunks, n_tokens)
 
     with _Check(res, "manifest_counts", max_failures) as c:
         counts = paths.section("counts")
@@ -746,7 +771,7 @@ def _check_special(c: _Check, spans: dict[str, np.ndarray], text: IndexedDataset
                        f"separator's {ref[:8]}")
 
 
-def _check_chunks(c: _Check, sp: str, spans: dict[str, np.ndarray], chunks) -> None:
+def _check_chunks(c: _Check, sp: str, spans: dict[str, np.ndarray], chunks, n_tokens: np.ndarray | None) -> None:
     """Chunk spans point at existing chunks whose corpus/doc_id they repeat, and hold all of the chunk's
     tokens unless flagged ``truncated``."""
     n_chunks = chunks.num_rows
@@ -762,13 +787,15 @@ def _check_chunks(c: _Check, sp: str, spans: dict[str, np.ndarray], chunks) -> N
     ids = cid[rows]
     c_doc = chunks.column("doc_id").to_numpy(zero_copy_only=False)[ids]
     c_corpus = chunks.column("corpus").to_numpy(zero_copy_only=False)[ids]
-    c_ntok = chunks.column("n_tokens").to_numpy().astype(np.int64)[ids]
     s_doc = spans["doc_id"][rows]
     s_corpus = spans["corpus"][rows]
     for j in np.flatnonzero((c_doc != s_doc) | (c_corpus != s_corpus)).tolist():
         i = rows[j]
         c.fail(f"{sp}: sample {spans['sample'][i]}, span {spans['span'][i]}: chunk {cid[i]} is "
                f"{c_corpus[j]}/{c_doc[j]} in chunks.parquet, the span says {s_corpus[j]}/{s_doc[j]}")
+    if n_tokens is None:
+        return
+    c_ntok = n_tokens[ids]
     ln = spans["length"].astype(np.int64)[rows]
     tr = spans["truncated"].astype(bool)[rows]
     for j in np.flatnonzero(~tr & (ln != c_ntok)).tolist():
@@ -784,11 +811,16 @@ def _check_chunks(c: _Check, sp: str, spans: dict[str, np.ndarray], chunks) -> N
 def _decode_samples(c: _Check, res: VerifyResult, tok: Any, picks: list[int], text: IndexedDataset,
                     spans: dict[str, np.ndarray] | None, paths: DatasetPaths) -> None:
     """Decode the picked samples; compare each chunk span's tokens with a fresh tokenization of the chunk."""
-    chunk_text = None
+    chunk_text = stored = stored_off = None
     if spans is not None and paths.chunks.exists():
         import pyarrow.parquet as pq
 
         chunk_text = pq.read_table(paths.chunks, columns=["text"]).column("text")
+        off = paths.work_dir / "token_offsets.npy"
+        if paths.chunk_tokens.exists() and off.exists():
+            stored, stored_off = np.load(paths.chunk_tokens, mmap_mode="r"), np.load(off)
+            if len(stored_off) != len(chunk_text) + 1:
+                stored = stored_off = None
     for s in picks:
         ids = np.asarray(text[s])
         try:
@@ -810,6 +842,11 @@ def _decode_samples(c: _Check, res: VerifyResult, tok: Any, picks: list[int], te
             st, ln = int(spans["start"][r]), int(spans["length"][r])
             got = ids[st:st + ln].tolist()
             want = _encode(tok, chunk_text[cid].as_py())
+            if stored is not None:  # the ids the run assembled from must also be the chunk's tokenization
+                kept = np.asarray(stored[stored_off[cid]:stored_off[cid + 1]]).tolist()
+                if kept != want:
+                    c.fail(f"{paths.chunk_tokens}: chunk {cid}: stored tokens differ from the tokenization of "
+                           f"its text in {paths.chunks}")
             ok = got == want if not spans["truncated"][r] else (got == want[:ln] or got == want[len(want) - ln:])
             n_checked += 1
             if not ok:
