@@ -204,7 +204,8 @@ def weighted_cross_entropy(
     """
     if logits.shape[:-1] != labels.shape or labels.shape != weights.shape:
         raise ValueError(
-            f"shape mismatch: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, weights {tuple(weights.shape)}"
+            f"shape mismatch: logits {tuple(logits.shape)}, labels {tuple(labels.shape)}, "
+            f"weights {tuple(weights.shape)}"
         )
     if chunk_size < 0:
         raise ValueError(f"chunk_size must be >= 0, got {chunk_size}")

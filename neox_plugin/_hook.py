@@ -1,0 +1,120 @@
+"""Post-import hook: patch GPT-NeoX modules as soon as GPT-NeoX imports them.
+
+Installed at interpreter start-up by the ``nextlong_neox_plugin.pth`` file (see
+:mod:`neox_plugin.install_hook`), so ``python deepy.py train.py cfg.yml`` and every rank the
+DeepSpeed or Slurm launcher starts are patched without changing GPT-NeoX or the command.
+
+The hook is a ``sys.meta_path`` finder that answers only for the six GPT-NeoX module names in
+:data:`TARGETS`: it lets the normal finders locate the module, then wraps its loader so the patch
+runs right after the module body. Nothing is imported until such a module is imported, so the cost
+for every other Python program is one small import at start-up. Set ``NEXTLONG_NEOX_PLUGIN=0`` to
+disable the hook (GPT-NeoX then rejects the ``nextlong_*`` keys as unknown).
+"""
+
+from __future__ import annotations
+
+import importlib.abc
+import importlib.machinery
+import importlib.util
+import logging
+import os
+import sys
+import threading
+from types import ModuleType
+from typing import Any
+
+logger = logging.getLogger(__name__)
+
+#: GPT-NeoX modules the plugin patches (kept in sync with ``neox_plugin.neox.PATCHES``).
+TARGETS = frozenset(
+    {
+        "megatron.neox_arguments.neox_args",
+        "megatron.neox_arguments.arguments",
+        "megatron.data.gpt2_dataset",
+        "megatron.data.data_utils",
+        "megatron.training",
+        "megatron.model.gpt2_model",
+    }
+)
+ENV_SWITCH = "NEXTLONG_NEOX_PLUGIN"
+
+
+class _PatchingLoader(importlib.abc.Loader):
+    """Delegates to the real loader, then applies the plugin's patch to the new module."""
+
+    def __init__(self, loader: Any, name: str) -> None:
+        self._loader = loader
+        self._name = name
+
+    def create_module(self, spec: importlib.machinery.ModuleSpec) -> ModuleType | None:
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module: ModuleType) -> None:
+        self._loader.exec_module(module)
+        from neox_plugin.neox import apply_patch
+
+        apply_patch(self._name, module)
+
+    def __getattr__(self, name: str) -> Any:  # get_source, get_filename, is_package, ...
+        return getattr(self._loader, name)
+
+
+class NeoXPatchFinder(importlib.abc.MetaPathFinder):
+    """``sys.meta_path`` finder that wraps the loaders of :data:`TARGETS`."""
+
+    def __init__(self) -> None:
+        self._local = threading.local()
+
+    def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
+        if fullname not in TARGETS:
+            return None
+        busy = getattr(self._local, "busy", None)
+        if busy is None:
+            busy = self._local.busy = set()
+        if fullname in busy:
+            return None
+        busy.add(fullname)
+        try:
+            spec = None
+            for finder in sys.meta_path:
+                if finder is self or not hasattr(finder, "find_spec"):
+                    continue
+                spec = finder.find_spec(fullname, path, target)
+                if spec is not None:
+                    break
+        finally:
+            busy.discard(fullname)
+        if spec is None or spec.loader is None or not hasattr(spec.loader, "exec_module"):
+            return None
+        spec.loader = _PatchingLoader(spec.loader, fullname)
+        return spec
+
+
+_FINDER: NeoXPatchFinder | None = None
+
+
+def install() -> bool:
+    """Put the finder first on ``sys.meta_path`` (idempotent). Returns False when disabled by env."""
+    global _FINDER
+    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+        return False
+    if _FINDER is None:
+        _FINDER = NeoXPatchFinder()
+    if _FINDER not in sys.meta_path:
+        sys.meta_path.insert(0, _FINDER)
+    if any(name in sys.modules for name in TARGETS):
+        from neox_plugin.neox import patch_loaded_modules
+
+        patch_loaded_modules()
+    return True
+
+
+def uninstall() -> None:
+    """Remove the finder (already patched modules stay patched)."""
+    if _FINDER is not None and _FINDER in sys.meta_path:
+        sys.meta_path.remove(_FINDER)
+
+
+def installed() -> bool:
+    """True when the finder is on ``sys.meta_path``."""
+    return _FINDER is not None and _FINDER in sys.meta_path

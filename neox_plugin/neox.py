@@ -1,0 +1,486 @@
+"""GPT-NeoX integration: patches applied to GPT-NeoX modules right after they are imported.
+
+:mod:`neox_plugin._hook` calls the ``patch_*`` functions below when GPT-NeoX imports the matching
+module. Every patch delegates to the original code unless the config says
+``nextlong_lossweight: true``, so a config without the plugin's keys runs stock GPT-NeoX.
+
+===================================== ===========================================================
+module                                what changes
+===================================== ===========================================================
+megatron.neox_arguments.neox_args     ``NeoXArgsTraining`` gains the ``nextlong_*`` keys, so YAML
+                                      validation accepts them and ``megatron_config`` forwards
+                                      them to every rank
+megatron.neox_arguments.arguments     ``NeoXArgs.validate_values`` also checks the plugin keys
+megatron.data.gpt2_dataset            ``GPT2Dataset.__getitem__`` adds the mask sample, sliced in
+                                      lock-step by the original ``__getitem__``
+megatron.data.data_utils              mask readers attached to every dataset; all splits' masks
+                                      validated before the first dataset is built
+megatron.training                     ``_get_batch`` broadcasts the mask (uint8) over the
+                                      tensor-parallel group, shifts it like the labels and turns
+                                      it into normalized weights in ``loss_mask``;
+                                      ``cross_entropy`` is the weighted, chunked loss
+megatron.model.gpt2_model             ``cross_entropy`` (the ``PipelineModule`` ``loss_fn``) is the
+                                      same weighted loss
+===================================== ===========================================================
+
+Set ``NEXTLONG_DEBUG_DUMP_DIR`` to save the logits, labels and weights of the first
+``NEXTLONG_DEBUG_DUMP_CALLS`` (default 2) loss calls on global rank 0 (used by the integration test).
+"""
+
+import dataclasses
+import functools
+import inspect
+import logging
+import os
+import re
+import threading
+from typing import Any, Literal
+
+from neox_plugin.config import KEY_DEFAULTS, NExtLongConfig, NExtLongConfigError, config_from_args
+from neox_plugin.data import BATCH_KEY, NExtLongDataError, make_mask_view, mask_sample, validate_splits
+
+logger = logging.getLogger(__name__)
+
+#: Patches that must all be in place before training with the plugin.
+REQUIRED_PATCHES = (
+    "megatron.neox_arguments.neox_args",
+    "megatron.neox_arguments.arguments",
+    "megatron.data.gpt2_dataset",
+    "megatron.data.data_utils",
+    "megatron.training",
+    "megatron.model.gpt2_model",
+)
+
+
+class _State:
+    """Process-wide plugin state."""
+
+    def __init__(self) -> None:
+        self.config: NExtLongConfig = NExtLongConfig()
+        self.applied: set[str] = set()
+        self.failed: dict[str, str] = {}
+        self.validated = False
+        self.dump_calls = 0
+        self.lock = threading.Lock()
+
+    @property
+    def enabled(self) -> bool:
+        return self.config.enabled
+
+
+STATE = _State()
+
+
+def set_config(args: Any) -> NExtLongConfig:
+    """Validate the plugin keys of ``args`` and make them the process-wide configuration."""
+    cfg = config_from_args(args)
+    STATE.config = cfg
+    if cfg.enabled:
+        logger.info(
+            "NExtLong loss weights on: negative weight %s, normalization %s, chunk %s",
+            cfg.negative_loss_weight, cfg.loss_normalization, cfg.loss_chunk_size,
+        )
+    return cfg
+
+
+def check_patches(needed: tuple[str, ...] = REQUIRED_PATCHES) -> None:
+    """Raise if the plugin is enabled but a GPT-NeoX module could not be patched."""
+    if not STATE.enabled:
+        return
+    missing = [m for m in needed if m not in STATE.applied]
+    if missing:
+        detail = "; ".join(f"{m}: {STATE.failed.get(m, 'not imported through the hook')}" for m in missing)
+        raise NExtLongConfigError(
+            "nextlong_lossweight is true but the GPT-NeoX integration is incomplete (" + detail + "). "
+            "Is the neox_plugin import hook installed (python -m neox_plugin.install_hook) and is this "
+            "GPT-NeoX version supported? See docs/neox_plugin.md."
+        )
+
+
+def _require(module: Any, *names: str) -> bool:
+    return all(hasattr(module, n) for n in names)
+
+
+# --------------------------------------------------------------------------------------------
+# megatron.neox_arguments.neox_args / arguments
+# --------------------------------------------------------------------------------------------
+
+def _args_mixin(base: type) -> type:
+    """A dataclass subclass of ``base`` with the plugin keys (GPT-NeoX type-checks field types)."""
+
+    @dataclasses.dataclass
+    class NeoXArgsTraining(base):  # type: ignore[valid-type, misc]
+        nextlong_lossweight: bool = KEY_DEFAULTS["nextlong_lossweight"]
+        """NExtLong: weight the next-token loss by the loss-weight mask (neox_plugin)."""
+
+        nextlong_train_lossweight_paths: list = None
+        """NExtLong: mask prefixes parallel to train_data_paths (null: derived from the data prefixes)."""
+
+        nextlong_valid_lossweight_paths: list = None
+        """NExtLong: mask prefixes parallel to valid_data_paths (null: derived)."""
+
+        nextlong_test_lossweight_paths: list = None
+        """NExtLong: mask prefixes parallel to test_data_paths (null: derived)."""
+
+        nextlong_negative_loss_weight: float = KEY_DEFAULTS["nextlong_negative_loss_weight"]
+        """NExtLong: loss weight of hard-negative tokens (mask value 0); mask value 1 has weight 1.0."""
+
+        nextlong_loss_normalization: Literal["weight_sum", "nonzero_tokens", "all_tokens"] = KEY_DEFAULTS[
+            "nextlong_loss_normalization"
+        ]
+        """NExtLong: divide the weighted loss sum by the weight sum, the non-zero-weight tokens or all tokens."""
+
+        nextlong_loss_chunk_size: int = KEY_DEFAULTS["nextlong_loss_chunk_size"]
+        """NExtLong: tokens per cross-entropy chunk (0 = one chunk)."""
+
+    NeoXArgsTraining.__module__ = base.__module__
+    NeoXArgsTraining.__qualname__ = base.__qualname__
+    NeoXArgsTraining.__doc__ = (base.__doc__ or "") + "\n    (with the NExtLong loss-weight keys)\n"
+    return NeoXArgsTraining
+
+
+def patch_neox_args(module: Any) -> bool:
+    """Add the plugin keys to ``NeoXArgsTraining`` (before ``arguments.py`` builds ``NeoXArgs``)."""
+    if not _require(module, "NeoXArgsTraining"):
+        return False
+    base = module.NeoXArgsTraining
+    if "nextlong_lossweight" in getattr(base, "__dataclass_fields__", {}):
+        return True
+    module.NeoXArgsTraining = _args_mixin(base)
+    return True
+
+
+def patch_arguments(module: Any) -> bool:
+    """Validate the plugin keys whenever GPT-NeoX validates its arguments (deepy.py and every rank)."""
+    if not _require(module, "NeoXArgs"):
+        return False
+    cls = module.NeoXArgs
+    if "nextlong_lossweight" not in cls.__dataclass_fields__:
+        raise NExtLongConfigError(
+            "megatron.neox_arguments.arguments was imported without the plugin keys; NeoXArgsTraining was not patched"
+        )
+    original = cls.validate_values
+    if getattr(original, "_nextlong", False):
+        return True
+
+    @functools.wraps(original)
+    def validate_values(self: Any) -> bool:
+        set_config(self)
+        return original(self)
+
+    validate_values._nextlong = True  # type: ignore[attr-defined]
+    cls.validate_values = validate_values
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# megatron.data.gpt2_dataset / data_utils
+# --------------------------------------------------------------------------------------------
+
+def patch_gpt2_dataset(module: Any) -> bool:
+    """``GPT2Dataset.__getitem__`` adds ``nextlong_lossweight`` (uint8) when a mask is attached."""
+    if not _require(module, "GPT2Dataset"):
+        return False
+    cls = module.GPT2Dataset
+    original = cls.__getitem__
+    if getattr(original, "_nextlong", False):
+        return True
+
+    @functools.wraps(original)
+    def getitem(self: Any, idx: int) -> dict:
+        ret = original(self, idx)
+        view = self.__dict__.get("_nextlong_mask_view")
+        if view is not None:
+            ret[BATCH_KEY] = mask_sample(view, idx, original)
+            if ret[BATCH_KEY].shape != ret["text"].shape:
+                raise NExtLongDataError(
+                    f"mask sample {idx} has shape {ret[BATCH_KEY].shape}, text {ret['text'].shape}"
+                )
+        return ret
+
+    getitem._nextlong = True  # type: ignore[attr-defined]
+    cls.__getitem__ = getitem
+    return True
+
+
+def attach_mask(dataset: Any, mask_reader: Any) -> None:
+    """Attach a mask reader to a ``GPT2Dataset`` (sliced in lock-step by its own ``__getitem__``)."""
+    if getattr(dataset, "indexed_dataset", None) is None:
+        raise NExtLongDataError(f"cannot attach a loss-weight mask to {type(dataset).__name__}")
+    n_text, n_mask = len(dataset.indexed_dataset.sizes), len(mask_reader.sizes)
+    if n_text != n_mask:
+        raise NExtLongDataError(f"mask has {n_mask} sequences, text has {n_text}")
+    dataset._nextlong_mask_view = make_mask_view(dataset, mask_reader)
+
+
+def _bound(fn: Any, a: tuple, kw: dict) -> dict:
+    """Arguments of a call to ``fn`` by parameter name, defaults included."""
+    bound = inspect.signature(fn).bind(*a, **kw)
+    bound.apply_defaults()
+    return dict(bound.arguments)
+
+
+_SPLIT_NAME = re.compile(r"^(train|valid|test)_(\d+)$")
+
+
+def _all_pairs(args: Any, cfg: NExtLongConfig) -> list[tuple[str, str, str]]:
+    pairs = []
+    if "data_path" in cfg.resolved:
+        pairs.append(("data_path", args.data_path, cfg.resolved["data_path"][0]))
+    for split in ("train", "valid", "test"):
+        texts = getattr(args, f"{split}_data_paths", None) or []
+        for text, mask in zip(texts, cfg.resolved.get(split, []), strict=True):
+            pairs.append((split, text, mask))
+    return pairs
+
+
+def validate_all_splits(args: Any) -> None:
+    """Validate every split's masks against their text once per process (before any dataset is built)."""
+    with STATE.lock:
+        if STATE.validated:
+            return
+        cfg = set_config(args)
+        check_patches()
+        validate_splits(_all_pairs(args, cfg))
+        STATE.validated = True
+
+
+def patch_data_utils(module: Any) -> bool:
+    """Validate all masks up front and attach a mask reader to every GPT2Dataset that is built."""
+    if not _require(module, "build_the_dataset", "build_train_valid_test_datasets",
+                    "build_train_valid_test_data_loaders", "make_indexed_dataset"):
+        return False
+    if getattr(module.build_the_dataset, "_nextlong", False):
+        return True
+    orig_loaders = module.build_train_valid_test_data_loaders
+    orig_the = module.build_the_dataset
+    orig_tvt = module.build_train_valid_test_datasets
+    current: dict[str, Any] = {}
+
+    @functools.wraps(orig_loaders)
+    def build_train_valid_test_data_loaders(neox_args: Any) -> Any:
+        set_config(neox_args)
+        current["args"] = neox_args
+        try:
+            return orig_loaders(neox_args)
+        finally:
+            current.pop("args", None)
+
+    def _args() -> Any:
+        if "args" not in current:
+            raise NExtLongConfigError(
+                "dataset built outside build_train_valid_test_data_loaders; cannot find the masks"
+            )
+        return current["args"]
+
+    @functools.wraps(orig_the)
+    def build_the_dataset(*a: Any, **kw: Any) -> Any:
+        if not STATE.enabled:
+            return orig_the(*a, **kw)
+        args = _args()
+        validate_all_splits(args)
+        params = _bound(orig_the, a, kw)
+        dataset = orig_the(*a, **kw)
+        if dataset is None:
+            return None
+        m = _SPLIT_NAME.match(str(params.get("name")))
+        if not m:
+            raise NExtLongDataError(f"unexpected dataset name {params.get('name')!r}; cannot find its mask")
+        split, i = m.group(1), int(m.group(2))
+        mask_prefix = STATE.config.resolved[split][i]
+        text_prefix = params.get("data_prefix")
+        reader = module.make_indexed_dataset(mask_prefix, params["data_impl"], params["skip_warmup"])
+        if reader is None:
+            raise NExtLongDataError(f"cannot open loss-weight mask {mask_prefix} (text {text_prefix})")
+        attach_mask(dataset, reader)
+        logger.info("%s: mask %s attached to %s", params.get("name"), mask_prefix, text_prefix)
+        return dataset
+
+    @functools.wraps(orig_tvt)
+    def build_train_valid_test_datasets(*a: Any, **kw: Any) -> Any:
+        if not STATE.enabled:
+            return orig_tvt(*a, **kw)
+        args = _args()
+        validate_all_splits(args)
+        params = _bound(orig_tvt, a, kw)
+        datasets = orig_tvt(*a, **kw)
+        mask_prefix = STATE.config.resolved["data_path"][0]
+        reader = module.make_indexed_dataset(mask_prefix, params["data_impl"], params["skip_warmup"])
+        for ds in datasets:
+            if ds is not None:
+                attach_mask(ds, reader)
+        return datasets
+
+    for f in (build_train_valid_test_data_loaders, build_the_dataset, build_train_valid_test_datasets):
+        f._nextlong = True  # type: ignore[attr-defined]
+    module.build_train_valid_test_data_loaders = build_train_valid_test_data_loaders
+    module.build_the_dataset = build_the_dataset
+    module.build_train_valid_test_datasets = build_train_valid_test_datasets
+    return True
+
+
+# --------------------------------------------------------------------------------------------
+# megatron.training / megatron.model.gpt2_model
+# --------------------------------------------------------------------------------------------
+
+def batch_weights(mask: Any, loss_mask: Any) -> Any:
+    """Normalized per-token weights from the broadcast mask ``[b, s+1]`` and GPT-NeoX's ``loss_mask`` ``[b, s]``.
+
+    The mask is shifted like the labels (the weight of token t+1 scales the prediction made at
+    position t), mapped to weights, multiplied by GPT-NeoX's own loss mask (label -100, EOD
+    masking) and normalized per micro-batch (:func:`neox_plugin.loss.normalize_weights`).
+    """
+    import torch
+
+    from neox_plugin.config import MASK_PADDING
+    from neox_plugin.loss import mask_to_weights, normalize_weights
+
+    cfg = STATE.config
+    shifted = mask[:, 1:].contiguous()
+    if shifted.shape != loss_mask.shape:
+        raise NExtLongDataError(
+            f"mask batch {tuple(mask.shape)} does not match loss_mask {tuple(loss_mask.shape)} (+1 token)"
+        )
+    base = loss_mask.float() * (shifted != MASK_PADDING).to(torch.float32)
+    weights = mask_to_weights(shifted, cfg.negative_loss_weight) * base
+    return normalize_weights(weights, cfg.loss_normalization, valid_mask=base)
+
+
+def patch_training(module: Any) -> bool:
+    """Weighted ``loss_mask`` from ``_get_batch`` (both paths) and the weighted loss in ``forward_step``."""
+    if not _require(module, "_get_batch", "get_batch_pipe", "forward_step", "cross_entropy"):
+        return False
+    orig_get = module._get_batch
+    if getattr(orig_get, "_nextlong", False):
+        return True
+
+    @functools.wraps(orig_get)
+    def _get_batch(neox_args: Any, tokenizer: Any, keys: Any, data: Any, datatype: Any, *a: Any, **kw: Any) -> Any:
+        out = orig_get(neox_args, tokenizer, keys, data, datatype, *a, **kw)
+        if not STATE.enabled:
+            return out
+        import torch
+        from megatron import mpu
+
+        if data is not None and BATCH_KEY not in data:
+            raise NExtLongDataError(
+                f"nextlong_lossweight is true but the batch has no {BATCH_KEY!r}: "
+                "the data loader did not attach the masks"
+            )
+        mask = mpu.broadcast_data([BATCH_KEY], data, torch.uint8)[BATCH_KEY]
+        tokens, labels, loss_mask, attention_mask, position_ids = out
+        weights = batch_weights(mask, loss_mask).to(loss_mask.device)
+        return tokens, labels, weights, attention_mask, position_ids
+
+    _get_batch._nextlong = True  # type: ignore[attr-defined]
+    module._get_batch = _get_batch
+    module.cross_entropy = _make_cross_entropy(module.cross_entropy)
+    return True
+
+
+def patch_gpt2_model(module: Any) -> bool:
+    """Replace the ``cross_entropy`` that ``GPT2ModelPipe`` binds as ``PipelineModule.loss_fn``."""
+    if not _require(module, "cross_entropy", "GPT2ModelPipe"):
+        return False
+    module.cross_entropy = _make_cross_entropy(module.cross_entropy)
+    return True
+
+
+def _make_cross_entropy(original: Any) -> Any:
+    if getattr(original, "_nextlong", False):
+        return original
+
+    @functools.wraps(original)
+    def cross_entropy(output: Any, labels: Any, _fp16: bool = False) -> Any:
+        if not STATE.enabled:
+            return original(output, labels, _fp16=_fp16)
+        return neox_weighted_loss(output, labels[0], labels[1])
+
+    cross_entropy._nextlong = True  # type: ignore[attr-defined]
+    cross_entropy._nextlong_original = original  # type: ignore[attr-defined]
+    return cross_entropy
+
+
+def neox_weighted_loss(output: Any, labels: Any, weights: Any) -> Any:
+    """The plugin's loss on GPT-NeoX logits ``[b, s, vocab/TP]`` with normalized ``weights`` ``[b, s]``."""
+    import torch
+    from megatron import mpu
+
+    from neox_plugin.loss import weighted_cross_entropy
+
+    world = mpu.get_model_parallel_world_size()
+    group = mpu.get_model_parallel_group() if world > 1 else None
+    vocab_start = mpu.get_model_parallel_rank() * output.size(-1)
+    logits = output.contiguous()
+    _maybe_dump(logits, labels, weights)
+    return weighted_cross_entropy(
+        logits,
+        labels,
+        weights.to(torch.float32),
+        normalization=None,
+        chunk_size=STATE.config.loss_chunk_size,
+        group=group,
+        vocab_start_index=vocab_start,
+        inplace=True,
+    )
+
+
+def _maybe_dump(logits: Any, labels: Any, weights: Any) -> None:
+    out_dir = os.environ.get("NEXTLONG_DEBUG_DUMP_DIR")
+    if not out_dir:
+        return
+    import torch
+
+    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+        return
+    limit = int(os.environ.get("NEXTLONG_DEBUG_DUMP_CALLS", "2"))
+    if STATE.dump_calls >= limit:
+        return
+    os.makedirs(out_dir, exist_ok=True)
+    path = os.path.join(out_dir, f"loss_call_{STATE.dump_calls:03d}.pt")
+    torch.save(
+        {"logits": logits.detach().float().cpu().clone(), "labels": labels.detach().cpu().clone(),
+         "weights": weights.detach().float().cpu().clone(), "grad_enabled": torch.is_grad_enabled()},
+        path,
+    )
+    STATE.dump_calls += 1
+
+
+#: module name -> patch function, used by the import hook.
+PATCHES = {
+    "megatron.neox_arguments.neox_args": patch_neox_args,
+    "megatron.neox_arguments.arguments": patch_arguments,
+    "megatron.data.gpt2_dataset": patch_gpt2_dataset,
+    "megatron.data.data_utils": patch_data_utils,
+    "megatron.training": patch_training,
+    "megatron.model.gpt2_model": patch_gpt2_model,
+}
+
+
+def apply_patch(name: str, module: Any) -> None:
+    """Apply the patch for ``name`` to the freshly imported ``module``; record success or failure."""
+    fn = PATCHES.get(name)
+    if fn is None:
+        return
+    try:
+        ok = fn(module)
+    except NExtLongConfigError:
+        raise
+    except Exception as e:  # a GPT-NeoX version we do not recognise must not break stock runs
+        STATE.failed[name] = f"{type(e).__name__}: {e}"
+        logger.warning("neox_plugin: could not patch %s: %s", name, e)
+        return
+    if ok:
+        STATE.applied.add(name)
+    else:
+        STATE.failed[name] = "module does not look like GPT-NeoX's"
+        logger.debug("neox_plugin: %s does not look like GPT-NeoX's; left alone", name)
+
+
+def patch_loaded_modules() -> None:
+    """Patch GPT-NeoX modules that are already imported (when the hook is installed late)."""
+    import sys
+
+    for name in PATCHES:
+        if name in sys.modules and name not in STATE.applied:
+            apply_patch(name, sys.modules[name])
