@@ -1,0 +1,114 @@
+"""The stats report: numbers match the fixture's construction, comparisons separate the methods, and the
+page is self-contained."""
+
+from __future__ import annotations
+
+import base64
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+from _inspect_fixtures import REPO, build_dataset
+
+pytest.importorskip("matplotlib")
+
+from nextlong.report import collect, summarize, write_report  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory) -> dict[str, Path]:
+    d = tmp_path_factory.mktemp("report")
+    return {
+        "nextlong": build_dataset(d, "nl"),
+        "tailk": build_dataset(d, "tail", selection="tailk"),
+        "standard": build_dataset(d, "std", method="standard"),
+    }
+
+
+def test_summarize() -> None:
+    s = summarize(np.array([1.0, 2.0, np.nan, 3.0]))
+    assert s["n"] == 3 and s["mean"] == 2.0 and s["min"] == 1.0 and s["max"] == 3.0
+    assert summarize(np.zeros(0))["mean"] is None
+
+
+def test_collect_numbers(runs: dict[str, Path]) -> None:
+    st = collect(runs["nextlong"])
+    n = st.numbers
+    assert st.label == "nl (nextlong, s=160)"
+    assert n["samples"] == 4 and n["tokens"] == 1200
+    assert n["sample_length"]["min"] == n["sample_length"]["max"] == 300
+    assert n["documents_per_sample"]["max"] == 1  # one meta-document per sample
+    assert n["negatives"] > 0 and n["negatives_without_meta"] == 0
+    assert abs(sum(n["token_share"].values()) - 1) < 1e-9
+    assert n["dropped"] == {"empty_text": 1, "too_short": 1}
+    # the fixture states the same inner products the report recomputes from embeddings.npy
+    np.testing.assert_allclose(np.sort(st.dist["similarity_stated"]), np.sort(st.dist["similarity_meta_negative"]),
+                               atol=1e-5)
+    assert n["dependency_distance"]["min"] > 0  # negatives sit between the meta-chunks
+    assert n["meta_position_in_extended_chunk"]["max"] == 0  # head order: meta-chunk first
+    assert n["leak_indicators"]["negative_from_same_document"] == 0
+    assert n["leak_indicators"]["negative_is_its_meta_chunk"] == 0
+    assert set(n["corpus_tokens"]["meta"]) <= {"books", "web"}
+
+
+def test_methods_differ(runs: dict[str, Path]) -> None:
+    nl, tail, std = (collect(runs[k]).numbers for k in ("nextlong", "tailk", "standard"))
+    assert nl["similarity_meta_negative"]["p50"] > nl["similarity_random_pairs"]["p50"]
+    assert tail["similarity_meta_negative"]["p50"] < nl["similarity_meta_negative"]["p50"]
+    assert tail["negative_rank"]["p50"] > nl["negative_rank"]["p50"]
+    assert std["negatives"] == 0 and std["token_share"].get("negative", 0) == 0
+    assert std["documents_per_sample"]["mean"] > 1
+    assert std["dependency_distance"]["p95"] < nl["dependency_distance"]["p50"]
+
+
+def test_write_report_compare(runs: dict[str, Path], tmp_path: Path) -> None:
+    out = write_report(runs["nextlong"], [runs["tailk"], runs["standard"]], output=tmp_path / "cmp")
+    assert out.html == tmp_path / "cmp.html" and out.json == tmp_path / "cmp.json"
+    assert len(out.pngs) >= 12 and all(p.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" for p in out.pngs)
+    page = out.html.read_text()
+    assert "<script" not in page and 'src="http' not in page  # self-contained
+    imgs = re.findall(r'src="data:image/png;base64,([^"]+)"', page)
+    assert len(imgs) == len(out.pngs)
+    assert base64.b64decode(imgs[0])[:4] == b"\x89PNG"
+    for label in ("nl (nextlong, s=160)", "tail (nextlong, tailk, s=160)", "std (standard, s=160)"):
+        assert label in page
+    assert "all checks pass" in page
+    doc = json.loads(out.json.read_text())
+    assert [r["name"] for r in doc["runs"]] == ["nl", "tail", "std"]
+    assert doc["runs"][0]["verify"]["ok"] is True
+    assert doc["runs"][2]["config"]["method"] == "standard"
+
+
+def test_default_output_beside_dataset_and_missing_work_dir(runs: dict[str, Path], tmp_path: Path) -> None:
+    import shutil
+
+    for f in runs["nextlong"].parent.iterdir():
+        if f.name.startswith("nl"):
+            (shutil.copytree if f.is_dir() else shutil.copy)(f, tmp_path / f.name)
+    prefix = tmp_path / "nl"
+    shutil.rmtree(f"{prefix}.work")
+    out = write_report(prefix, verify=False)
+    assert out.html == Path(f"{prefix}_report.html") and Path(f"{prefix}_report.json").exists()
+    assert Path(f"{prefix}_report_similarity.png").exists()
+    st = out.runs[0]
+    assert "similarity_meta_negative" not in st.dist and len(st.dist["similarity_stated"])
+    assert any("embeddings.npy not present" in n for n in st.notes)
+
+
+def test_names_must_match_runs(runs: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(ValueError, match="one name per run"):
+        write_report(runs["nextlong"], [runs["tailk"]], names=["a"], output=tmp_path / "x")
+
+
+def test_cli(runs: dict[str, Path], tmp_path: Path) -> None:
+    r = subprocess.run([sys.executable, "preprocessing/report_nextlong_bin.py", str(runs["nextlong"]), "--compare",
+                        str(runs["standard"]), "--name", "NExtLong", "--name", "Standard", "--output",
+                        str(tmp_path / "cli")], cwd=REPO, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr
+    assert str(tmp_path / "cli.html") in r.stdout
+    doc = json.loads((tmp_path / "cli.json").read_text())
+    assert [x["label"] for x in doc["runs"]] == ["NExtLong", "Standard"]
