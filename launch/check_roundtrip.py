@@ -4,6 +4,8 @@
 Compares the converted model's ``config.json`` with the original (architecture fields must match; in particular
 ``intermediate_size``, which ``tools/ckpts/convert_neox_to_hf.py`` copies verbatim from the GPT-NeoX config and
 must come out as Llama-3's 14336), every weight tensor, and the logits of both models on a few tokens (fp32, CPU).
+The logits of both weight sets are computed under the original config: ``rope_theta`` and
+``max_position_embeddings`` of the converted config are the recipe's (check them with ``--expect``).
 ``--fix-config`` first copies fields the converter cannot know from the original (``bos_token_id`` and
 ``eos_token_id``: GPT-NeoX's HFTokenizer looks for ``<|endoftext|>``, which Llama-3 does not have) and
 ``torch_dtype`` into the converted ``config.json``.
@@ -84,12 +86,21 @@ def fix_config(original_dir: Path, converted_dir: Path) -> None:
 
 def compare_models(original_dir: Path, converted_dir: Path, token_ids: list[int], atol: float) -> list[str]:
     import torch
-    from transformers import AutoModelForCausalLM
+    from transformers import AutoConfig, AutoModelForCausalLM
 
     problems = []
-    kwargs = {"torch_dtype": torch.float32, "low_cpu_mem_usage": True}
-    a = AutoModelForCausalLM.from_pretrained(original_dir, **kwargs).eval()
-    b = AutoModelForCausalLM.from_pretrained(converted_dir, **kwargs).eval()
+
+    def load(path: Path, config: Any) -> Any:
+        try:
+            return AutoModelForCausalLM.from_pretrained(path, config=config, dtype=torch.float32).eval()
+        except TypeError:  # transformers < 4.56 names it torch_dtype
+            return AutoModelForCausalLM.from_pretrained(path, config=config, torch_dtype=torch.float32).eval()
+
+    # both models run with the ORIGINAL config: the converted config legitimately differs in rope_theta and
+    # max_position_embeddings (the recipe's values) and is checked field by field in compare_configs
+    config = AutoConfig.from_pretrained(original_dir)
+    a = load(original_dir, config)
+    b = load(converted_dir, config)
     sa, sb = a.state_dict(), b.state_dict()
     if set(sa) != set(sb):
         problems.append(f"weights: keys differ: {sorted(set(sa) ^ set(sb))[:8]}")
