@@ -62,7 +62,6 @@ class Specials:
 def layout(pool, groups: list[list[Item]], specials: Specials, target: int) -> Sample:
     """Flatten extended chunks into tokens, mask and spans; checks the exact length."""
     tok_parts: list[np.ndarray] = []
-    mask_parts: list[np.ndarray] = []
     spans: list[tuple] = []
     pos = 0
 
@@ -72,7 +71,6 @@ def layout(pool, groups: list[list[Item]], specials: Specials, target: int) -> S
         if len(arr) == 0:
             return
         tok_parts.append(arr)
-        mask_parts.append(np.full(len(arr), MASK_OF_ROLE[role], dtype=np.uint8))
         spans.append((pos, len(arr), role, meta_index, chunk_id, rank, sim, truncated))
         pos += len(arr)
 
@@ -102,7 +100,11 @@ def layout(pool, groups: list[list[Item]], specials: Specials, target: int) -> S
     tokens = np.concatenate(tok_parts).astype(np.int32, copy=False)
     if len(tokens) != target:
         raise AssertionError(f"assembled {len(tokens)} tokens, expected {target}")  # a bug, never data
-    return Sample(tokens, np.concatenate(mask_parts), spans)
+    mask = np.ones(target, dtype=np.uint8)
+    for start, length, role, *_ in spans:
+        if role == ROLE_NEG:
+            mask[start : start + length] = 0
+    return Sample(tokens, mask, spans)
 
 
 def _order(meta: Item, negs: list[Item], order: str, rng: np.random.Generator) -> list[Item]:
@@ -169,14 +171,14 @@ def build_nextlong(pool, cfg, specials: Specials, doc: int, cands: list, rng: np
     if cfg.budget == "paper":
         S = int(pool.doc_chars[doc])
         k = max(0, math.ceil((T * chars_per_token * cfg.paper_w - S) / (p * cfg.granularity)))
+    exhausted = False
     for i, m in enumerate(metas):
         goal = R if i == p - 1 else (R * (i + 1)) // p
         tries = 0
+        stopped = False
         for it in _candidate_stream(pool, cands[i] if cands else None, m, cfg.negative_selection, rng, i):
-            if cfg.budget == "paper":
-                if len(groups_negs[i]) >= k:
-                    break
-            elif cum >= goal:
+            if (cfg.budget == "paper" and len(groups_negs[i]) >= k) or (cfg.budget == "exact" and cum >= goal):
+                stopped = True
                 break
             tries += 1
             if tries > max_tries and cfg.negative_selection in ("random-doc", "self-repeat"):
@@ -186,6 +188,7 @@ def build_nextlong(pool, cfg, specials: Specials, doc: int, cands: list, rng: np
             cost = pool.chunk_len(it.chunk_id) + sep
             if cfg.budget == "exact":
                 if i < p - 1 and cum + cost > goal:
+                    stopped = True
                     break  # the next negative would overshoot this meta-chunk's share
                 if i == p - 1 and cum + cost > R:
                     it.keep = R - cum  # the one cut in the whole sample
@@ -193,6 +196,9 @@ def build_nextlong(pool, cfg, specials: Specials, doc: int, cands: list, rng: np
             if not self_repeat:
                 used.add(it.chunk_id)
             cum += cost if it.keep is None else it.keep
+        exhausted |= not stopped
+    if exhausted and cands and any(c.truncated for c in cands):
+        raise Dropped("retry_with_all_candidates")  # a shortened candidate list ran out: not the full result
     stats: dict = {}
     if cfg.budget == "paper":
         total = fixed + cum

@@ -155,7 +155,8 @@ class SentenceTransformerEmbedder(Embedder):
         if max_seq_length:
             self.model.max_seq_length = max_seq_length
         self.name = model
-        self.dim = int(self.model.get_sentence_embedding_dimension())
+        get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
+        self.dim = int(get_dim())
         self.batch_size = batch_size
 
     def describe(self) -> dict:

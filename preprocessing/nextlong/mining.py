@@ -32,6 +32,7 @@ class Candidates:
     ranks: np.ndarray  # int32 position in the retrieved list (0 = most similar)
     dropped_same_doc: int = 0
     dropped_duplicate: int = 0
+    truncated: bool = False  #: retrieved fewer than ``candidates`` (adaptive k); more may exist
 
 
 def retrieve_block(pool, index, meta_chunk_ids: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
@@ -50,7 +51,7 @@ def retrieve_block(pool, index, meta_chunk_ids: np.ndarray, k: int) -> tuple[np.
 
 
 def filter_candidates(pool, meta_chunk: int, ids: np.ndarray, sims: np.ndarray, limit: int,
-                      near_dup: float) -> Candidates:
+                      near_dup: float, truncated: bool = False) -> Candidates:
     """Static filters for one meta-chunk (see module docstring); keeps at most ``limit`` candidates."""
     valid = ids >= 0
     ranks = np.arange(len(ids), dtype=np.int32)
@@ -62,4 +63,5 @@ def filter_candidates(pool, meta_chunk: int, ids: np.ndarray, sims: np.ndarray, 
     # the retrieved list is "candidates" long once the document's own chunks are taken out
     within = np.cumsum(valid & ~same_doc) <= limit
     keep &= within
-    return Candidates(ids[keep], sims[keep], ranks[keep], int(same_doc.sum()), int((dup & within).sum()))
+    return Candidates(ids[keep], sims[keep], ranks[keep], int(same_doc.sum()), int((dup & within).sum()),
+                      truncated and bool(within[-1]) if len(within) else truncated)

@@ -229,7 +229,8 @@ def load_pool(work: Path) -> Pool:
         doc_corpus_code=doc_code,
         doc_corpus_index=dt.column("corpus_index").to_numpy(),
         doc_ids=dt.column("doc_id").to_pylist(),
-        tokens=np.load(work / "tokens.npy", mmap_mode="r"),
+        # plain ndarray views of the memory maps: slicing them is much cheaper than slicing np.memmap
+        tokens=np.load(work / "tokens.npy", mmap_mode="r").view(np.ndarray),
         offsets=np.load(work / "token_offsets.npy"),
-        embeddings=np.load(work / "embeddings.npy", mmap_mode="r"),
+        embeddings=np.load(work / "embeddings.npy", mmap_mode="r").view(np.ndarray),
     )

@@ -99,6 +99,38 @@ class PartContext:
         self.token_dtype = token_dtype_for_vocab(vocab_size)
         self._doc_index = None
 
+    def retrieve(self, docs: list[int], adaptive: bool) -> dict:
+        """One batched search for the meta-chunks of ``docs``. With ``adaptive`` (top-k selection only),
+        ask FAISS for about twice the negatives a sample can use instead of ``--candidates``; a document
+        whose shortened list runs out is redone with the full list, so the result is the same."""
+        cfg, pool = self.cfg, self.pool
+        meta_ids = np.concatenate([np.arange(pool.doc_first[d], pool.doc_first[d] + pool.doc_nchunks[d])
+                                   for d in docs])
+        most = int(max(pool.doc_nchunks[d] for d in docs))
+        fewest = int(min(pool.doc_nchunks[d] for d in docs))
+        want = cfg.candidates
+        if adaptive:
+            mean_tokens = max(1.0, float(pool.offsets[-1]) / max(1, pool.n_chunks))
+            want = min(cfg.candidates, 2 * int(np.ceil(cfg.target_length / fewest / mean_tokens)) + 32)
+        ids, sims = retrieve_block(pool, self.index, meta_ids, want + most)
+        return {"ids": ids, "sims": sims, "row": {int(c): r for r, c in enumerate(meta_ids)},
+                "truncated": want < cfg.candidates and ids.shape[1] < pool.n_chunks}
+
+    def candidates(self, doc: int, retrieved: dict | None, filt: Counter) -> list:
+        """Filtered candidate lists of every meta-chunk of ``doc`` (empty for retrieval-free selections)."""
+        if retrieved is None:
+            return []
+        cfg, pool = self.cfg, self.pool
+        out = []
+        for m in range(pool.doc_first[doc], pool.doc_first[doc] + pool.doc_nchunks[doc]):
+            r = retrieved["row"][int(m)]
+            c = filter_candidates(pool, int(m), retrieved["ids"][r], retrieved["sims"][r], cfg.candidates,
+                                  cfg.near_duplicate_threshold, retrieved["truncated"])
+            filt["same_document"] += c.dropped_same_doc
+            filt["duplicate"] += c.dropped_duplicate
+            out.append(c)
+        return out
+
     def doc_neighbours(self, docs: list[int], k: int):
         """knn baseline: documents most similar to each of ``docs`` (mean chunk embedding, inner product)."""
         import faiss
@@ -144,12 +176,9 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
             if limit is not None and produced >= limit:
                 break
             block = [int(d) for d in slots[b : b + BLOCK]]
+            retrieved = None
             if cfg.method == "nextlong" and cfg.negative_selection not in ("random-doc", "self-repeat"):
-                meta_ids = np.concatenate([np.arange(pool.doc_first[d], pool.doc_first[d] + pool.doc_nchunks[d])
-                                           for d in block])
-                k = cfg.candidates + int(max(pool.doc_nchunks[d] for d in block))
-                all_ids, all_sims = retrieve_block(pool, ctx.index, meta_ids, k)
-                row_of = {int(c): r for r, c in enumerate(meta_ids)}
+                retrieved = ctx.retrieve(block, adaptive=cfg.negative_selection == "topk")
             neighbours = ctx.doc_neighbours(block, cfg.candidates + 1) if cfg.method == "knn" else None
             for j, d in enumerate(block):
                 slot = slot_start + b + j
@@ -159,16 +188,17 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
                 rng = np.random.default_rng([cfg.seed, slot])
                 try:
                     if cfg.method == "nextlong":
-                        cands = []
-                        if cfg.negative_selection not in ("random-doc", "self-repeat"):
-                            for m in range(pool.doc_first[d], pool.doc_first[d] + pool.doc_nchunks[d]):
-                                r = row_of[int(m)]
-                                c = filter_candidates(pool, int(m), all_ids[r], all_sims[r], cfg.candidates,
-                                                      cfg.near_duplicate_threshold)
-                                filt["same_document"] += c.dropped_same_doc
-                                filt["duplicate"] += c.dropped_duplicate
-                                cands.append(c)
-                        sample = build_nextlong(pool, cfg, ctx.specials, d, cands, rng, ctx.chars_per_token)
+                        cands = ctx.candidates(d, retrieved, filt)
+                        try:
+                            sample = build_nextlong(pool, cfg, ctx.specials, d, cands, rng, ctx.chars_per_token)
+                        except Dropped as e:
+                            if e.reason != "retry_with_all_candidates":
+                                raise
+                            # the shortened list ran out: redo this document with the full candidate list
+                            filt["adaptive_k_retries"] += 1
+                            cands = ctx.candidates(d, ctx.retrieve([d], adaptive=False), Counter())
+                            rng = np.random.default_rng([cfg.seed, slot])
+                            sample = build_nextlong(pool, cfg, ctx.specials, d, cands, rng, ctx.chars_per_token)
                     else:
                         sample = build_concat(pool, cfg, ctx.specials, d, neighbours[j] if neighbours else None,
                                               rng)
@@ -247,6 +277,7 @@ def merge_parts(work: Path, n_parts: int, out_prefix: str, emit_labels: bool, ma
     """Concatenate the parts, in order, into the final datasets (document index rebuilt), keeping at most
     ``max_samples`` samples; the ``.idx`` of each dataset is renamed into place last."""
     import pyarrow as pa
+    import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     names = ["text", "lossweight"] + (["label"] if emit_labels else [])
@@ -266,17 +297,18 @@ def merge_parts(work: Path, n_parts: int, out_prefix: str, emit_labels: bool, ma
         bin_path.parent.mkdir(parents=True, exist_ok=True)
         tmp_bin = bin_path.with_name(f".{bin_path.name}.tmp-{os.getpid()}")
         lengths = []
-        with open(tmp_bin, "wb") as out:
-            for r, n in zip(readers, takes, strict=True):
-                ds = r[name]
-                if n == 0:
-                    continue
-                nbytes = int(ds.pointers[n - 1]) + int(ds.lengths[n - 1]) * ds.dtype.itemsize
-                with open(f"{ds.prefix}.bin", "rb") as src:
-                    _copy_bytes(src, out, nbytes)
-                lengths.append(np.asarray(ds.lengths[:n]))
-            out.flush()
-            os.fsync(out.fileno())
+        whole = len(readers) == 1 and takes[0] == len(readers[0][name])
+        if whole:
+            # one complete part: a hard link moves no byte (falls back to a copy across filesystems)
+            ds = readers[0][name]
+            try:
+                tmp_bin.unlink(missing_ok=True)
+                os.link(f"{ds.prefix}.bin", tmp_bin)
+                lengths.append(np.asarray(ds.lengths))
+            except OSError:
+                whole = False
+        if not whole:
+            _concat_bins(readers, takes, name, tmp_bin, lengths)
         lengths_arr = np.concatenate(lengths).astype(np.int32) if lengths else np.zeros(0, np.int32)
         pointers = np.zeros(len(lengths_arr), dtype=np.int64)
         if len(lengths_arr) > 1:
@@ -287,8 +319,8 @@ def merge_parts(work: Path, n_parts: int, out_prefix: str, emit_labels: bool, ma
     offset = 0
     for p, n in zip(parts, takes, strict=True):
         t = pq.read_table(p["spans"])
-        t = t.filter(pa.compute.less(t.column("sample"), n))
-        t = t.set_column(0, "sample", pa.compute.add(t.column("sample"), pa.scalar(offset, pa.int64())))
+        t = t.filter(pc.less(t.column("sample"), n))
+        t = t.set_column(0, "sample", pc.add(t.column("sample"), pa.scalar(offset, pa.int64())))
         tables.append(t)
         offset += n
     spans = pa.concat_tables(tables) if tables else None
@@ -299,6 +331,20 @@ def merge_parts(work: Path, n_parts: int, out_prefix: str, emit_labels: bool, ma
         os.replace(tmp, spans_path)
     tokens = sum(int(np.sum(r["text"].lengths[:n], dtype=np.int64)) for r, n in zip(readers, takes, strict=True))
     return {"samples": total, "tokens": tokens}
+
+
+def _concat_bins(readers, takes, name: str, tmp_bin: Path, lengths: list) -> None:
+    with open(tmp_bin, "wb") as out:
+        for r, n in zip(readers, takes, strict=True):
+            ds = r[name]
+            if n == 0:
+                continue
+            nbytes = int(ds.pointers[n - 1]) + int(ds.lengths[n - 1]) * ds.dtype.itemsize
+            with open(f"{ds.prefix}.bin", "rb") as src:
+                _copy_bytes(src, out, nbytes)
+            lengths.append(np.asarray(ds.lengths[:n]))
+        out.flush()
+        os.fsync(out.fileno())
 
 
 def _copy_bytes(src, dst, nbytes: int, bufsize: int = 64 << 20) -> None:
