@@ -180,6 +180,8 @@ def collect(prefix: str | os.PathLike, *, name: str | None = None, seed: int = 0
     has_meta = (pos < len(mkeys)) & (mkeys[pos_c] == key[nrows]) if len(mkeys) else np.zeros(len(nrows), bool)
     dist["negatives_per_meta"] = np.bincount(pos[has_meta], minlength=len(mkeys)) if len(mkeys) else np.zeros(0)
     num["negatives_per_meta"] = summarize(dist["negatives_per_meta"])
+    num["meta_chunks_without_negatives_share"] = (
+        float((dist["negatives_per_meta"] == 0).mean()) if len(dist["negatives_per_meta"]) else None)
     num["negatives"] = len(nrows)
     num["negatives_without_meta"] = int((~has_meta).sum())
     meta_row_of_neg = mrows[pos_c[has_meta]]
@@ -456,12 +458,14 @@ TABLE_ROWS: list[tuple[str, Any]] = [
     ("meta-chunks per sample (mean)", lambda n: (n.get("meta_per_sample") or {}).get("mean")),
     ("source documents per sample (mean)", lambda n: (n.get("documents_per_sample") or {}).get("mean")),
     ("negatives per meta-chunk (mean)", lambda n: (n.get("negatives_per_meta") or {}).get("mean")),
+    ("meta-chunks without negatives (share)", lambda n: n.get("meta_chunks_without_negatives_share")),
     ("meta token share", lambda n: (n.get("token_share") or {}).get("meta")),
     ("negative token share (mask 0)", lambda n: (n.get("token_share") or {}).get("negative")),
     ("sim meta→negative (median)", lambda n: (n.get("similarity_meta_negative") or n.get("similarity_stated")
                                               or {}).get("p50")),
     ("sim random pairs (median)", lambda n: (n.get("similarity_random_pairs") or {}).get("p50")),
     ("sim neighbours, other doc (median)", lambda n: (n.get("similarity_adjacent_other_doc") or {}).get("p50")),
+    ("dependency distance (mean tokens)", lambda n: (n.get("dependency_distance") or {}).get("mean")),
     ("dependency distance (median tokens)", lambda n: (n.get("dependency_distance") or {}).get("p50")),
     ("dependency distance (p95 tokens)", lambda n: (n.get("dependency_distance") or {}).get("p95")),
     ("negative rank (median)", lambda n: (n.get("negative_rank") or {}).get("p50")),
