@@ -38,6 +38,8 @@ setup(
         "gpu": ["faiss-gpu>=1.8"],
         "dev": [
             "pytest>=8",
+            "hypothesis>=6",
+            "pandas>=2",
             "ruff>=0.5",
             "megatron-core==0.16.1",
             "sentence-transformers>=3",
