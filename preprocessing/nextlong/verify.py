@@ -252,9 +252,11 @@ class _Check:
         """Count ``n`` further problems without messages (past the cap)."""
         self.count += int(n)
 
-    @property
-    def full(self) -> bool:
-        return self.count >= self.limit
+    def take(self, rows: np.ndarray) -> list[int]:
+        """The first of ``rows`` that still get a message; the others are only counted."""
+        room = max(self.limit - self.count, 0)
+        self.more(max(len(rows) - room, 0))
+        return np.asarray(rows)[:room].tolist()
 
     def skip(self, why: str) -> None:
         self.skipped = why
@@ -480,7 +482,7 @@ def verify_dataset(
             c.skip("no target_length in the manifest")
         else:
             bad = np.flatnonzero(text.lengths != int(target))
-            for s in bad.tolist():
+            for s in c.take(bad):
                 c.fail(f"{_bin(text)}: sample {s} has {int(text.lengths[s])} tokens, target_length is {target}")
 
     offsets = None
@@ -653,16 +655,16 @@ def _check_tiling(c: _Check, sp: str, spans: dict[str, np.ndarray], text: Indexe
     first[1:] = sample[1:] != sample[:-1]
     group_start = np.maximum.accumulate(np.where(first, np.arange(n), 0))
     pos = np.arange(n) - group_start
-    for i in np.flatnonzero(span != pos)[: c.limit].tolist():
+    for i in c.take(np.flatnonzero(span != pos)):
         c.fail(f"{sp}: sample {sample[i]}: span numbered {span[i]} at position {pos[i]} (spans must be 0, 1, ...)")
-    for i in np.flatnonzero(length <= 0).tolist():
+    for i in c.take(np.flatnonzero(length <= 0)):
         c.fail(f"{sp}: sample {sample[i]}, span {span[i]}: length {length[i]} (must be >= 1)")
-    for i in np.flatnonzero(first & (start != 0)).tolist():
+    for i in c.take(np.flatnonzero(first & (start != 0))):
         c.fail(f"{sp}: sample {sample[i]}: first span starts at {start[i]}, not 0")
     prev_end = np.empty(n, dtype=np.int64)
     prev_end[0] = 0
     prev_end[1:] = start[:-1] + length[:-1]
-    for i in np.flatnonzero(~first & (start != prev_end)).tolist():
+    for i in c.take(np.flatnonzero(~first & (start != prev_end))):
         kind = "gap" if start[i] > prev_end[i] else "overlap"
         c.fail(f"{sp}: sample {sample[i]}, span {span[i]}: starts at {start[i]}, previous span ends at "
                f"{prev_end[i]} ({kind})")
@@ -674,14 +676,14 @@ def _check_tiling(c: _Check, sp: str, spans: dict[str, np.ndarray], text: Indexe
         present = np.zeros(nseq, dtype=bool)
         inside = sample[(sample >= 0) & (sample < nseq)]
         present[inside] = True
-        for s in np.flatnonzero(~present).tolist():
+        for s in c.take(np.flatnonzero(~present)):
             c.fail(f"{sp}: sample {s} has no spans")
         last = np.ones(n, dtype=bool)
         last[:-1] = sample[1:] != sample[:-1]
         idx = np.flatnonzero(last & (sample >= 0) & (sample < nseq))
         ends = start[idx] + length[idx]
         want = text.lengths[sample[idx]].astype(np.int64)
-        for j in np.flatnonzero(ends != want).tolist():
+        for j in c.take(np.flatnonzero(ends != want)):
             i = idx[j]
             c.fail(f"{sp}: sample {sample[i]}: spans end at token {ends[j]}, the sample has {want[j]} tokens")
     return c.count == before
@@ -691,15 +693,15 @@ def _check_roles(c: _Check, sp: str, spans: dict[str, np.ndarray], res: VerifyRe
     role = spans["role"].astype(str)
     sample, span, mi = spans["sample"], spans["span"], spans["meta_index"]
     bad = ~np.isin(role, list(ROLE_MASK))
-    for i in np.flatnonzero(bad).tolist():
+    for i in c.take(np.flatnonzero(bad)):
         c.fail(f"{sp}: sample {sample[i]}, span {span[i]}: unknown role '{role[i]}' (allowed: {', '.join(ROLE_MASK)})")
     special = np.isin(role, ["bos", "eos"])
-    for i in np.flatnonzero(special & (mi != -1)).tolist():
+    for i in c.take(np.flatnonzero(special & (mi != -1))):
         c.fail(f"{sp}: sample {sample[i]}, span {span[i]}: role {role[i]} has meta_index {mi[i]}, expected -1")
     content = np.isin(role, ["meta", "negative"])
-    for i in np.flatnonzero(content & (mi < 0)).tolist():
+    for i in c.take(np.flatnonzero(content & (mi < 0))):
         c.fail(f"{sp}: sample {sample[i]}, span {span[i]}: role {role[i]} has meta_index {mi[i]}, expected >= 0")
-    for i in np.flatnonzero(content & (spans["chunk_id"] < 0)).tolist():
+    for i in c.take(np.flatnonzero(content & (spans["chunk_id"] < 0))):
         c.fail(f"{sp}: sample {sample[i]}, span {span[i]}: role {role[i]} has no chunk_id")
     neg = role == "negative"
     sim = spans["similarity"].astype(np.float64)
@@ -731,16 +733,11 @@ def _check_mask_vs_spans(c: _Check, spans: dict[str, np.ndarray], mask: IndexedD
         flat = bad + offsets[a]
         rows = np.searchsorted(span_off, flat, side="right") - 1
         samples, tokens = _locate(offsets, flat)
-        seen: set[int] = set()
-        for k in range(len(bad)):
-            r = int(rows[k])
-            if r in seen:
-                continue
-            seen.add(r)
-            n_bad = int(np.count_nonzero(rows == r))
+        uniq, first_k, n_bad = np.unique(rows, return_index=True, return_counts=True)
+        for r, k, nb in zip(c.take(uniq), first_k.tolist(), n_bad.tolist(), strict=False):
             c.fail(f"{mask.prefix}.bin: sample {int(samples[k])}, token {int(tokens[k])}: mask {int(got[bad[k]])} "
                    f"but span {int(spans['span'][r])} has role '{role[r]}' (expects {want_by_span[r]}; "
-                   f"{n_bad} token(s) of this span disagree)")
+                   f"{nb} token(s) of this span disagree)")
 
 
 def _check_special(c: _Check, spans: dict[str, np.ndarray], text: IndexedDataset, offsets: np.ndarray,
@@ -778,7 +775,7 @@ def _check_chunks(c: _Check, sp: str, spans: dict[str, np.ndarray], chunks, n_to
     cid = spans["chunk_id"].astype(np.int64)
     rows = np.flatnonzero(cid >= 0)
     oob = rows[cid[rows] >= n_chunks]
-    for i in oob.tolist():
+    for i in c.take(oob):
         c.fail(f"{sp}: sample {spans['sample'][i]}, span {spans['span'][i]}: chunk_id {cid[i]} not in "
                f"chunks.parquet ({n_chunks} chunks)")
     rows = rows[cid[rows] < n_chunks]
@@ -789,7 +786,7 @@ def _check_chunks(c: _Check, sp: str, spans: dict[str, np.ndarray], chunks, n_to
     c_corpus = chunks.column("corpus").to_numpy(zero_copy_only=False)[ids]
     s_doc = spans["doc_id"][rows]
     s_corpus = spans["corpus"][rows]
-    for j in np.flatnonzero((c_doc != s_doc) | (c_corpus != s_corpus)).tolist():
+    for j in c.take(np.flatnonzero((c_doc != s_doc) | (c_corpus != s_corpus))):
         i = rows[j]
         c.fail(f"{sp}: sample {spans['sample'][i]}, span {spans['span'][i]}: chunk {cid[i]} is "
                f"{c_corpus[j]}/{c_doc[j]} in chunks.parquet, the span says {s_corpus[j]}/{s_doc[j]}")
@@ -798,11 +795,11 @@ def _check_chunks(c: _Check, sp: str, spans: dict[str, np.ndarray], chunks, n_to
     c_ntok = n_tokens[ids]
     ln = spans["length"].astype(np.int64)[rows]
     tr = spans["truncated"].astype(bool)[rows]
-    for j in np.flatnonzero(~tr & (ln != c_ntok)).tolist():
+    for j in c.take(np.flatnonzero(~tr & (ln != c_ntok))):
         i = rows[j]
         c.fail(f"{sp}: sample {spans['sample'][i]}, span {spans['span'][i]}: {ln[j]} tokens, chunk {cid[i]} has "
                f"{c_ntok[j]} and the span is not marked truncated")
-    for j in np.flatnonzero(tr & (ln >= c_ntok)).tolist():
+    for j in c.take(np.flatnonzero(tr & (ln >= c_ntok))):
         i = rows[j]
         c.fail(f"{sp}: sample {spans['sample'][i]}, span {spans['span'][i]}: marked truncated but holds "
                f"{ln[j]} of the chunk's {c_ntok[j]} tokens")
