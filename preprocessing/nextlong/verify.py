@@ -183,6 +183,27 @@ def chunk_token_counts(paths: DatasetPaths, n_chunks: int | None = None) -> np.n
     return None
 
 
+def read_chunk_rows(path: Path, rows: list[int] | np.ndarray, columns: list[str]) -> dict[int, dict]:
+    """``columns`` of the given row numbers (= chunk ids) of ``chunks.parquet``, reading only the row groups
+    that hold them (the text column of a large pool does not fit in memory)."""
+    import pyarrow.parquet as pq
+
+    want = np.unique(np.asarray(rows, dtype=np.int64))
+    pf = pq.ParquetFile(path)
+    out: dict[int, dict] = {}
+    first = 0
+    for g in range(pf.num_row_groups):
+        n = pf.metadata.row_group(g).num_rows
+        lo, hi = np.searchsorted(want, [first, first + n])
+        if hi > lo:
+            table = pf.read_row_group(g, columns=columns)
+            local = want[lo:hi] - first
+            for rid, rec in zip(want[lo:hi].tolist(), table.take(local).to_pylist(), strict=True):
+                out[rid] = rec
+        first += n
+    return out
+
+
 def read_spans(path: Path, columns: list[str] | None = None) -> dict[str, np.ndarray]:
     """The spans sidecar as numpy columns (strings as object arrays), sorted by (sample, span)."""
     import pyarrow.parquet as pq
@@ -808,16 +829,15 @@ def _check_chunks(c: _Check, sp: str, spans: dict[str, np.ndarray], chunks, n_to
 def _decode_samples(c: _Check, res: VerifyResult, tok: Any, picks: list[int], text: IndexedDataset,
                     spans: dict[str, np.ndarray] | None, paths: DatasetPaths) -> None:
     """Decode the picked samples; compare each chunk span's tokens with a fresh tokenization of the chunk."""
-    chunk_text = stored = stored_off = None
+    chunk_text: dict[int, str] | None = None
+    stored = stored_off = None
     if spans is not None and paths.chunks.exists():
-        import pyarrow.parquet as pq
-
-        chunk_text = pq.read_table(paths.chunks, columns=["text"]).column("text")
+        rows = np.isin(spans["sample"], picks) & (spans["chunk_id"] >= 0)
+        recs = read_chunk_rows(paths.chunks, spans["chunk_id"][rows], ["text"])
+        chunk_text = {k: v["text"] for k, v in recs.items()}
         off = paths.work_dir / "token_offsets.npy"
         if paths.chunk_tokens.exists() and off.exists():
-            stored, stored_off = np.load(paths.chunk_tokens, mmap_mode="r"), np.load(off)
-            if len(stored_off) != len(chunk_text) + 1:
-                stored = stored_off = None
+            stored, stored_off = np.load(paths.chunk_tokens, mmap_mode="r"), np.load(off, mmap_mode="r")
     for s in picks:
         ids = np.asarray(text[s])
         try:
@@ -834,12 +854,13 @@ def _decode_samples(c: _Check, res: VerifyResult, tok: Any, picks: list[int], te
         n_checked = 0
         for r in range(lo, hi):
             cid = int(spans["chunk_id"][r])
-            if cid < 0 or cid >= len(chunk_text):
+            if cid not in chunk_text:
                 continue
             st, ln = int(spans["start"][r]), int(spans["length"][r])
             got = ids[st:st + ln].tolist()
-            want = _encode(tok, chunk_text[cid].as_py())
-            if stored is not None:  # the ids the run assembled from must also be the chunk's tokenization
+            want = _encode(tok, chunk_text[cid])
+            # the ids the run assembled from must also be the tokenization of the chunk
+            if stored is not None and cid + 1 < len(stored_off):
                 kept = np.asarray(stored[stored_off[cid]:stored_off[cid + 1]]).tolist()
                 if kept != want:
                     c.fail(f"{paths.chunk_tokens}: chunk {cid}: stored tokens differ from the tokenization of "

@@ -25,7 +25,7 @@ from typing import Any
 import numpy as np
 
 from .indexed import read_indexed
-from .verify import DatasetPaths, _decode, _load_tokenizer, read_spans, resolve_paths
+from .verify import DatasetPaths, _decode, _load_tokenizer, read_chunk_rows, read_spans, resolve_paths
 
 log = logging.getLogger(__name__)
 
@@ -113,26 +113,24 @@ def load_sample(prefix: str | os.PathLike, sample: int, *, tokenizer: Any = None
     chunk_rows: dict[int, dict] = {}
     documents: dict[str, list[dict]] = {}
     if paths.chunks.exists():
-        import pyarrow.compute as pc
         import pyarrow.parquet as pq
 
         names = pq.read_schema(paths.chunks).names
-        cols = [c for c in ("chunk_id", "corpus", "doc_id", "chunk_in_doc", "text") if c in names]
-        table = pq.read_table(paths.chunks, columns=cols)
-        if "chunk_id" not in names:
-            import pyarrow as pa
-
-            table = table.append_column("chunk_id", pa.array(np.arange(table.num_rows), pa.int64()))
-        role = spans["role"].astype(str) if hi > lo else np.zeros(0, dtype=str)
-        meta_docs = list(dict.fromkeys(spans["doc_id"][role == "meta"].astype(str).tolist())) if hi > lo else []
-        wanted = set(int(c) for c in spans["chunk_id"][spans["chunk_id"] >= 0]) if hi > lo else set()
-        sel = pc.or_(pc.is_in(table.column("doc_id"), value_set=_pa_array(meta_docs)),
-                     pc.is_in(table.column("chunk_id"), value_set=_pa_array(sorted(wanted), int)))
-        sub = table.filter(sel).to_pylist()
-        for row in sub:
-            chunk_rows[int(row["chunk_id"])] = row
+        cols = [c for c in ("corpus", "doc_id", "chunk_in_doc") if c in names]
+        table = pq.read_table(paths.chunks, columns=cols)  # small columns only; text by row group below
+        role = spans["role"].astype(str)
+        meta_docs = list(dict.fromkeys(spans["doc_id"][role == "meta"].astype(str).tolist()))
+        doc_col = table.column("doc_id").to_numpy(zero_copy_only=False).astype(str)
+        rows = np.flatnonzero(np.isin(doc_col, meta_docs))  # row number = chunk id
+        wanted = spans["chunk_id"][(spans["chunk_id"] >= 0) & (spans["chunk_id"] < table.num_rows)]
+        rows = np.union1d(rows, wanted.astype(np.int64))
+        texts_by_row = read_chunk_rows(paths.chunks, rows, ["text"])
+        small = table.take(rows).to_pylist()
+        for rid, rec in zip(rows.tolist(), small, strict=True):
+            chunk_rows[rid] = {"chunk_id": rid, **rec, "text": texts_by_row[rid]["text"]}
         for d in meta_docs:
-            documents[d] = sorted((r for r in sub if r["doc_id"] == d), key=lambda r: r.get("chunk_in_doc", 0))
+            documents[d] = sorted((r for r in chunk_rows.values() if r["doc_id"] == d),
+                                  key=lambda r: r.get("chunk_in_doc", 0))
     else:
         notes.append(f"{paths.chunks} not present (work directory removed?): original documents not shown")
 
@@ -151,12 +149,6 @@ def load_sample(prefix: str | os.PathLike, sample: int, *, tokenizer: Any = None
         else:
             texts.append(" ".join(str(int(i)) for i in ids))
     return SampleView(paths, sample, len(text), tokens, mask, spans, texts, documents, notes)
-
-
-def _pa_array(values: list, kind: type = str):
-    import pyarrow as pa
-
-    return pa.array(values, pa.int64() if kind is int else pa.string())
 
 
 def _span_block(v: SampleView, r: int, max_chars: int) -> str:
