@@ -374,8 +374,33 @@ def patch_training(module: Any) -> bool:
 
     _get_batch._nextlong = True  # type: ignore[attr-defined]
     module._get_batch = _get_batch
+    module.forward_step = _make_forward_step(module.forward_step)
     module.cross_entropy = _make_cross_entropy(module.cross_entropy)
     return True
+
+
+def _make_forward_step(original: Any) -> Any:
+    """Make pipeline evaluation return ``(loss, metrics)`` like the non-pipeline path.
+
+    GPT-NeoX's ``evaluate`` unpacks ``loss, metric_dict = forward_step(...)``, but with
+    ``pipe_parallel_size >= 1`` ``forward_step`` returns ``model.eval_batch(...)``, a bare loss
+    tensor, so the first validation of a pipeline run crashes ("iteration over a 0-d tensor",
+    GPT-NeoX ea7aefd8). With the plugin on, the bare tensor is paired with an empty metrics dict.
+    """
+
+    @functools.wraps(original)
+    def forward_step(data_iterator: Any, model: Any, neox_args: Any, timers: Any, return_logits: bool = False,
+                     *a: Any, **kw: Any) -> Any:
+        out = original(data_iterator, model, neox_args, timers, return_logits, *a, **kw)
+        if STATE.enabled and getattr(neox_args, "is_pipe_parallel", False) and not return_logits:
+            import torch
+
+            if torch.is_tensor(out):
+                return out, {}
+        return out
+
+    forward_step._nextlong = True  # type: ignore[attr-defined]
+    return forward_step
 
 
 def patch_gpt2_model(module: Any) -> bool:
