@@ -88,10 +88,10 @@ def test_outputs_read_back_with_megatron_core(cl100k_run, cl100k_json):
 
 def test_same_seed_same_bytes_any_task_count_and_resume(tmp_path, docs_corpus, cl100k_json, cl100k_run):
     ref = data_bytes(cl100k_run)
-    a = run(tmp_path, docs_corpus, cl100k_json, "--tasks", "3", name="tasks3")
+    a = run(tmp_path, docs_corpus, cl100k_json, "--tasks", "3", "--block-docs", "8", name="tasks3")
     assert data_bytes(a) == ref
     # a rerun on the same work dir skips every stage and rewrites identical bytes
-    b = run(tmp_path, docs_corpus, cl100k_json, "--tasks", "3", name="tasks3")
+    b = run(tmp_path, docs_corpus, cl100k_json, "--tasks", "3", "--block-docs", "8", name="tasks3")
     assert data_bytes(b) == ref
     c = run(tmp_path, docs_corpus, cl100k_json, "--seed", "8", name="seed8")
     assert data_bytes(c)["text.bin"] != ref["text.bin"]

@@ -65,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--index-train-size", type=int, default=262144, help="vectors sampled to train IVF/PQ")
     em.add_argument("--nprobe", type=int, default=64, help="IVF lists searched per query")
     ru = p.add_argument_group("run")
+    ru.add_argument("--block-docs", type=int, default=256,
+                    help="meta-documents per batched FAISS search (and per unit of work shared by tasks)")
     ru.add_argument("--tasks", type=int, default=1, help="parallel local synthesis tasks (bytes do not change)")
     ru.add_argument("--no-verify", dest="verify", action="store_false", help="skip the dataset check at the end")
     ru.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")

@@ -85,6 +85,9 @@ class SynthesisConfig:
     """``--emit-labels``: also write ``<prefix>_label_document`` (int32 ids, -100 on hard negatives)."""
     work_dir: str | None = None
     """``--work-dir``: intermediate files (chunks, tokens, embeddings, index); default ``<prefix>.work``."""
+    block_docs: int = 256
+    """``--block-docs``: meta-documents per batched FAISS search, and the unit that tasks share out. Large
+    batches keep FAISS efficient (hundreds of queries per call); the output does not depend on it."""
     tasks: int = 1
     """``--tasks``: parallel local tasks for the synthesis stage (output bytes do not depend on it)."""
     verify: bool = True
@@ -112,6 +115,7 @@ class SynthesisConfig:
              f"choose from {NEGATIVE_SELECTIONS}")
         need(self.max_samples is None or self.max_samples >= 1, "--max-samples", "must be >= 1")
         need(self.tasks >= 1, "--tasks", "must be >= 1")
+        need(self.block_docs >= 1, "--block-docs", "must be >= 1")
         need(self.embedding_dim >= 8, "--embedding-dim", "must be >= 8")
         need(self.nprobe >= 1, "--nprobe", "must be >= 1")
         if self.mix is not None:

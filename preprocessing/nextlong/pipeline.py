@@ -200,7 +200,7 @@ def run(cfg: SynthesisConfig, progress: bool = True) -> dict:
     for spec in parse_input_specs(cfg.inputs, cfg.mix, cfg.input_names):
         weights[spec.name] = spec.weight
     order = synthesize.meta_document_order(p, weights, cfg.seed)
-    plan = synthesize.plan_parts(len(order), cfg.tasks)
+    plan = synthesize.plan_parts(len(order), cfg.tasks, cfg.block_docs)
     sep_ids = tok.encode(cfg.separator) if cfg.separator else []
     specials = {"bos": [tok.bos_id] if tok.bos_id is not None else [],
                 "eos": [tok.eos_id] if tok.eos_id is not None else [], "sep": sep_ids}

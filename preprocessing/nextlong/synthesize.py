@@ -1,7 +1,7 @@
 """The synthesis stage: meta-document order, mining + assembly per part, and the merge.
 
 Determinism across layouts: meta-documents are put in one global order (a seeded shuffle per input,
-interleaved by ``--mix`` weights); that order is cut into fixed blocks of :data:`BLOCK` slots, and a task
+interleaved by ``--mix`` weights); that order is cut into blocks of ``--block-docs`` slots, and a task
 takes a contiguous run of whole blocks. Every slot draws its random numbers from its own stream
 ``default_rng([seed, slot])``; FAISS similarities are recomputed exactly (see :mod:`nextlong.mining`). So a
 slot's sample does not depend on which task made it, and the merged output is byte-identical for any
@@ -30,7 +30,6 @@ from .mining import filter_candidates, retrieve_block
 
 log = logging.getLogger(__name__)
 
-BLOCK = 64  #: slots per block; fixed so that FAISS batches never depend on the task layout
 DATASETS = ("text", "lossweight", "label")
 SPAN_COLUMNS = ("sample", "span", "start", "length", "role", "meta_index", "corpus", "doc_id", "chunk_id",
                 "rank", "similarity", "truncated")
@@ -75,12 +74,12 @@ def part_paths(work: Path, part: int) -> dict[str, Path]:
     }
 
 
-def plan_parts(n_slots: int, tasks: int) -> list[tuple[int, int]]:
-    """Slot ranges [start, end) per task: contiguous runs of whole blocks."""
-    n_blocks = (n_slots + BLOCK - 1) // BLOCK
+def plan_parts(n_slots: int, tasks: int, block: int) -> list[tuple[int, int]]:
+    """Slot ranges [start, end) per task: contiguous runs of whole blocks of ``block`` slots."""
+    n_blocks = (n_slots + block - 1) // block
     tasks = max(1, min(tasks, n_blocks)) if n_blocks else 1
     bounds = [round(i * n_blocks / tasks) for i in range(tasks + 1)]
-    return [(min(n_slots, bounds[i] * BLOCK), min(n_slots, bounds[i + 1] * BLOCK)) for i in range(tasks)]
+    return [(min(n_slots, bounds[i] * block), min(n_slots, bounds[i + 1] * block)) for i in range(tasks)]
 
 
 class PartContext:
@@ -164,7 +163,7 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
     }
     if cfg.emit_labels:
         writers["label"] = IndexedDatasetWriter(paths["label"], np.int32)
-    spans: dict[str, list] = {c: [] for c in SPAN_COLUMNS}
+    rows: list[tuple] = []  # (sample, span, start, length, role, meta_index, chunk_id, rank, similarity, truncated)
     dropped: Counter[str] = Counter()
     filt: Counter[str] = Counter()
     overfill: list[int] = []
@@ -172,10 +171,11 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
     slots_done = 0
     limit = cfg.max_samples
     try:
-        for b in range(0, len(slots), BLOCK):
+        step = cfg.block_docs
+        for b in range(0, len(slots), step):
             if limit is not None and produced >= limit:
                 break
-            block = [int(d) for d in slots[b : b + BLOCK]]
+            block = [int(d) for d in slots[b : b + step]]
             retrieved = None
             if cfg.method == "nextlong" and cfg.negative_selection not in ("random-doc", "self-repeat"):
                 retrieved = ctx.retrieve(block, adaptive=cfg.negative_selection == "topk")
@@ -211,27 +211,11 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
                 writers["lossweight"].add_document(sample.mask)
                 if "label" in writers:
                     writers["label"].add_document(np.where(sample.mask == 1, sample.tokens, -100).astype(np.int32))
-                for s_i, (start, length, role, meta_index, cid, rank, sim, trunc) in enumerate(sample.spans):
-                    spans["sample"].append(produced)
-                    spans["span"].append(s_i)
-                    spans["start"].append(start)
-                    spans["length"].append(length)
-                    spans["role"].append(role)
-                    spans["meta_index"].append(meta_index)
-                    if cid >= 0:
-                        spans["corpus"].append(pool.corpora[pool.chunk_corpus_code[cid]])
-                        spans["doc_id"].append(pool.doc_ids[pool.chunk_doc[cid]])
-                    else:
-                        spans["corpus"].append("")
-                        spans["doc_id"].append("")
-                    spans["chunk_id"].append(cid)
-                    spans["rank"].append(rank)
-                    spans["similarity"].append(sim)
-                    spans["truncated"].append(trunc)
+                rows.extend((produced, s_i, *span) for s_i, span in enumerate(sample.spans))
                 produced += 1
             if progress is not None:
                 progress(len(block))
-        _write_spans(paths["spans"], spans)
+        n_negative = _write_spans(paths["spans"], rows, pool)
         for w in writers.values():
             w.finalize()
     except BaseException:
@@ -241,7 +225,7 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
     stats = {
         "part": part, "slot_start": slot_start, "slots": len(slots), "slots_processed": slots_done,
         "samples": produced, "dropped": dict(sorted(dropped.items())), "filtered_candidates": dict(filt),
-        "negative_spans": int(sum(1 for r in spans["role"] if r == ROLE_NEG)),
+        "negative_spans": n_negative,
         "paper_budget_overfill_tokens": overfill, "seconds": round(time.time() - t0, 3),
     }
     tmp = paths["marker"].with_name(paths["marker"].name + ".tmp")
@@ -250,27 +234,39 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
     return stats
 
 
-def _write_spans(path: Path, spans: dict[str, list]) -> None:
+def _write_spans(path: Path, rows: list[tuple], pool) -> int:
+    """Write a part's spans (columns of docs/format.md); returns the number of negative spans."""
     import pyarrow as pa
     import pyarrow.parquet as pq
 
+    cols = list(zip(*rows, strict=True)) if rows else [()] * 10
+    sample, span, start, length, role, meta_index, chunk_id, rank, sim, trunc = cols
+    cid = np.asarray(chunk_id, dtype=np.int64)
+    has = cid >= 0
+    safe = np.where(has, cid, 0)
+    doc_ids = np.asarray(pool.doc_ids + [""], dtype=object)
+    corpora = np.asarray(pool.corpora + [""], dtype=object)
+    doc_col = doc_ids[np.where(has, pool.chunk_doc[safe] if len(cid) else cid, len(pool.doc_ids))]
+    corpus_col = corpora[np.where(has, pool.chunk_corpus_code[safe] if len(cid) else cid, len(pool.corpora))]
+    role_arr = np.asarray(role, dtype=object)
     table = pa.table({
-        "sample": pa.array(spans["sample"], pa.int64()),
-        "span": pa.array(spans["span"], pa.int32()),
-        "start": pa.array(spans["start"], pa.int64()),
-        "length": pa.array(spans["length"], pa.int32()),
-        "role": pa.array(spans["role"], pa.string()),
-        "meta_index": pa.array(spans["meta_index"], pa.int32()),
-        "corpus": pa.array(spans["corpus"], pa.string()),
-        "doc_id": pa.array(spans["doc_id"], pa.string()),
-        "chunk_id": pa.array(spans["chunk_id"], pa.int64()),
-        "rank": pa.array(spans["rank"], pa.int32()),
-        "similarity": pa.array(spans["similarity"], pa.float32()),
-        "truncated": pa.array(spans["truncated"], pa.bool_()),
+        "sample": pa.array(np.asarray(sample, dtype=np.int64)),
+        "span": pa.array(np.asarray(span, dtype=np.int32)),
+        "start": pa.array(np.asarray(start, dtype=np.int64)),
+        "length": pa.array(np.asarray(length, dtype=np.int32)),
+        "role": pa.array(role_arr, pa.string()),
+        "meta_index": pa.array(np.asarray(meta_index, dtype=np.int32)),
+        "corpus": pa.array(corpus_col, pa.string()),
+        "doc_id": pa.array(doc_col, pa.string()),
+        "chunk_id": pa.array(cid),
+        "rank": pa.array(np.asarray(rank, dtype=np.int32)),
+        "similarity": pa.array(np.asarray(sim, dtype=np.float32)),
+        "truncated": pa.array(np.asarray(trunc, dtype=bool)),
     })
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     pq.write_table(table, tmp, compression="zstd")
     os.replace(tmp, path)
+    return int(np.sum(role_arr == ROLE_NEG))
 
 
 def merge_parts(work: Path, n_parts: int, out_prefix: str, emit_labels: bool, max_samples: int | None) -> dict:

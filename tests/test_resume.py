@@ -1,0 +1,66 @@
+"""Sharded synthesis: byte-identical output for any task count, and a killed run resumes to the same bytes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from nextlong.cli import main
+
+ROOT = Path(__file__).resolve().parents[1]
+NAMES = ("text", "lossweight", "label")
+
+
+def _args(corpus, tok, prefix, *extra):
+    return ["--input", str(corpus), "--tokenizer", str(tok), "--output-prefix", str(prefix), "--target-length",
+            "2048", "--seed", "3", "--emit-labels", "--no-progress", "--block-docs", "16", *extra]
+
+
+def _bytes(prefix) -> dict[str, bytes]:
+    out = {f"{n}.{e}": Path(f"{prefix}_{n}_document.{e}").read_bytes() for n in NAMES for e in ("bin", "idx")}
+    import pyarrow.parquet as pq
+
+    out["spans"] = pq.read_table(f"{prefix}_spans.parquet").to_pandas().to_csv().encode()
+    return out
+
+
+@pytest.fixture(scope="module")
+def one_task(tmp_path_factory, docs_corpus, cl100k_json):
+    prefix = tmp_path_factory.mktemp("one") / "nl"
+    assert main(_args(docs_corpus, cl100k_json, prefix, "--tasks", "1")) == 0
+    return prefix
+
+
+def test_three_tasks_equal_one(tmp_path, docs_corpus, cl100k_json, one_task):
+    prefix = tmp_path / "nl"
+    assert main(_args(docs_corpus, cl100k_json, prefix, "--tasks", "3")) == 0
+    parts = sorted((tmp_path / "nl.work" / "synth").glob("part-*.json"))
+    assert len(parts) == 3
+    assert _bytes(prefix) == _bytes(one_task)
+
+
+def test_killed_run_resumes_to_identical_bytes(tmp_path, docs_corpus, cl100k_json, one_task):
+    prefix = tmp_path / "nl"
+    synth = tmp_path / "nl.work" / "synth"
+    cmd = [sys.executable, str(ROOT / "preprocessing" / "make_nextlong_bin.py"),
+           *_args(docs_corpus, cl100k_json, prefix, "--tasks", "3", "--block-docs", "2")]
+    proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    deadline = time.time() + 300
+    while time.time() < deadline and proc.poll() is None:
+        # kill the whole process group (the run and its task processes) while parts are being written
+        if synth.exists() and any(p.name.startswith(".") for p in synth.iterdir()):
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.01)
+    proc.wait(timeout=60)
+    assert proc.returncode == -signal.SIGKILL, "the run ended before it could be killed mid-synthesis"
+    assert not Path(f"{prefix}_text_document.idx").exists()
+    done_before = len(list(synth.glob("part-*.json")))
+    assert done_before < 3
+    assert main(_args(docs_corpus, cl100k_json, prefix, "--tasks", "3", "--block-docs", "2")) == 0
+    assert _bytes(prefix) == _bytes(one_task)
