@@ -85,15 +85,19 @@ def main(argv: list[str] | None = None) -> int:
     floor_s = tokenize_s + embed_s + write_s
 
     tokens_out = counts["tokens_out"]
+    def rate(n: float, stage: str, unit: str) -> str:
+        return f"{n / max(stages.get(stage, 0.0), 1e-9):,.0f} {unit}"
+
     rows = [
-        ("chunk", stages.get("chunk", 0.0), f"{counts['documents_in'] / max(stages.get('chunk', 0), 1e-9):,.0f} doc/s"),
-        ("tokenize", stages.get("tokenize", 0.0), f"{counts['pool_tokens'] / max(stages.get('tokenize', 0), 1e-9):,.0f} tok/s"),
-        ("embed", stages.get("embed", 0.0), f"{counts['chunks'] / max(stages.get('embed', 0), 1e-9):,.0f} chunk/s"),
-        ("index", stages.get("index", 0.0), f"{counts['chunks'] / max(stages.get('index', 0), 1e-9):,.0f} vec/s"),
-        ("synthesize", stages.get("synthesize", 0.0), f"{tokens_out / max(stages.get('synthesize', 0), 1e-9):,.0f} out tok/s"),
-        ("merge", stages.get("merge", 0.0), f"{tokens_out / max(stages.get('merge', 0), 1e-9):,.0f} out tok/s"),
+        ("chunk", stages.get("chunk", 0.0), rate(counts["documents_in"], "chunk", "doc/s")),
+        ("tokenize", stages.get("tokenize", 0.0), rate(counts["pool_tokens"], "tokenize", "tok/s")),
+        ("embed", stages.get("embed", 0.0), rate(counts["chunks"], "embed", "chunk/s")),
+        ("index", stages.get("index", 0.0), rate(counts["chunks"], "index", "vec/s")),
+        ("synthesize", stages.get("synthesize", 0.0), rate(tokens_out, "synthesize", "out tok/s")),
+        ("merge", stages.get("merge", 0.0), rate(tokens_out, "merge", "out tok/s")),
     ]
-    print(f"corpus: {counts['documents_in']} documents, {counts['chunks']} chunks, {counts['pool_tokens']:,} pool tokens")
+    print(f"corpus: {counts['documents_in']} documents, {counts['chunks']} chunks, "
+          f"{counts['pool_tokens']:,} pool tokens")
     print(f"output: {counts['samples_out']} samples x {args.target_length} = {tokens_out:,} tokens; "
           f"dropped {counts['dropped'] or 'none'}")
     print(f"{'stage':<12}{'seconds':>10}  throughput")
