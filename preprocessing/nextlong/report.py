@@ -334,6 +334,9 @@ def _hist(ax, runs: list[RunStats], key: str, xlabel: str, log_x: bool = False) 
             ax.hist(x, bins=bins, weights=w, histtype="step", linewidth=2, color=f"C{i}", label=lab)
     if integer:
         ax.xaxis.get_major_locator().set_params(integer=True)
+        fmt = ax.xaxis.get_major_formatter()
+        if hasattr(fmt, "set_useOffset"):
+            fmt.set_useOffset(False)
     ax.set_xlabel(xlabel)
     ax.set_ylabel("fraction")
     if len(series) > 1:
@@ -445,6 +448,8 @@ def _fmt(v: Any) -> str:
     if v is None:
         return "–"
     if isinstance(v, float):
+        if v.is_integer() and abs(v) < 1e15:
+            return str(int(v))
         return f"{v:.4g}"
     return str(v)
 
