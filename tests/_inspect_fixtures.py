@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO / "preprocessing") not in sys.path:  # the package is importable without installation
     sys.path.insert(0, str(REPO / "preprocessing"))
 
-from nextlong.chunking import chunk_text
-from nextlong.indexed import IndexedDatasetWriter, token_dtype_for_vocab
+from nextlong.chunking import chunk_text  # noqa: E402 - after the sys.path entry
+from nextlong.indexed import IndexedDatasetWriter, token_dtype_for_vocab  # noqa: E402
 
 TOPICS = {
     "astronomy": "star planet orbit galaxy telescope light comet moon sun gravity nebula",
