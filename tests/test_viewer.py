@@ -188,6 +188,7 @@ def test_end_to_end_fixture_corpus(tmp_path: Path) -> None:
     assert 'class="span meta"' in page and 'class="span negative"' in page
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not _have_pipeline(), reason="synthesis pipeline not present")
 @pytest.mark.skipif(not (SHARED_DATA / "openstax_textbooks.jsonl.gz").exists(), reason="shared corpora absent")
 def test_end_to_end_real_text_methods(tmp_path: Path) -> None:
