@@ -17,7 +17,7 @@ NAMES = ("text", "lossweight", "label")
 
 
 def _args(corpus, tok, prefix, *extra):
-    return ["--input", str(corpus), "--tokenizer", str(tok), "--output-prefix", str(prefix), "--target-length",
+    return ["--input", str(corpus), "--input-name", "pydocs", "--tokenizer", str(tok), "--output-prefix", str(prefix), "--target-length",
             "2048", "--seed", "3", "--emit-labels", "--no-progress", "--block-docs", "16", *extra]
 
 
@@ -30,25 +30,36 @@ def _bytes(prefix) -> dict[str, bytes]:
 
 
 @pytest.fixture(scope="module")
-def one_task(tmp_path_factory, docs_corpus, cl100k_json):
+def sharded_corpus(tmp_path_factory, docs_corpus) -> Path:
+    """The corpus as 3 JSONL files: 3 shards for the chunk/embed stages."""
+    d = tmp_path_factory.mktemp("sharded")
+    lines = docs_corpus.read_text(encoding="utf-8").splitlines(keepends=True)
+    for i in range(3):
+        (d / f"part-{i}.jsonl").write_text("".join(lines[i::3]), encoding="utf-8")
+    return d / "part-*.jsonl"
+
+
+@pytest.fixture(scope="module")
+def one_task(tmp_path_factory, sharded_corpus, cl100k_json):
     prefix = tmp_path_factory.mktemp("one") / "nl"
-    assert main(_args(docs_corpus, cl100k_json, prefix, "--tasks", "1")) == 0
+    assert main(_args(sharded_corpus, cl100k_json, prefix, "--tasks", "1")) == 0
     return prefix
 
 
-def test_three_tasks_equal_one(tmp_path, docs_corpus, cl100k_json, one_task):
+def test_three_tasks_equal_one(tmp_path, sharded_corpus, cl100k_json, one_task):
     prefix = tmp_path / "nl"
-    assert main(_args(docs_corpus, cl100k_json, prefix, "--tasks", "3")) == 0
+    assert main(_args(sharded_corpus, cl100k_json, prefix, "--tasks", "3")) == 0
     parts = sorted((tmp_path / "nl.work" / "synth").glob("part-*.json"))
     assert len(parts) == 3
+    assert len(list((tmp_path / "nl.work" / "pool").glob("shard-*/embed.done.json"))) == 3
     assert _bytes(prefix) == _bytes(one_task)
 
 
-def test_killed_run_resumes_to_identical_bytes(tmp_path, docs_corpus, cl100k_json, one_task):
+def test_killed_run_resumes_to_identical_bytes(tmp_path, sharded_corpus, cl100k_json, one_task):
     prefix = tmp_path / "nl"
     synth = tmp_path / "nl.work" / "synth"
     cmd = [sys.executable, str(ROOT / "preprocessing" / "make_nextlong_bin.py"),
-           *_args(docs_corpus, cl100k_json, prefix, "--tasks", "3", "--block-docs", "2")]
+           *_args(sharded_corpus, cl100k_json, prefix, "--tasks", "3", "--block-docs", "2")]
     proc = subprocess.Popen(cmd, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.time() + 300
     while time.time() < deadline and proc.poll() is None:
@@ -62,5 +73,5 @@ def test_killed_run_resumes_to_identical_bytes(tmp_path, docs_corpus, cl100k_jso
     assert not Path(f"{prefix}_text_document.idx").exists()
     done_before = len(list(synth.glob("part-*.json")))
     assert done_before < 3
-    assert main(_args(docs_corpus, cl100k_json, prefix, "--tasks", "3", "--block-docs", "2")) == 0
+    assert main(_args(sharded_corpus, cl100k_json, prefix, "--tasks", "3", "--block-docs", "2")) == 0
     assert _bytes(prefix) == _bytes(one_task)

@@ -46,6 +46,9 @@ class SynthesisConfig:
     """``--embedder``: ``hashing`` (offline TF-IDF projection) or a sentence-transformers model path."""
     embedding_dim: int = 256
     """``--embedding-dim``: output dimension of the ``hashing`` embedder."""
+    embedding_dtype: str = "float16"
+    """``--embedding-dtype``: storage of the chunk embeddings on disk (float16 halves the pool's size;
+    similarities are computed in float32)."""
     embed_batch_size: int = 64
     """``--embed-batch-size``: texts per forward pass of a sentence-transformers model."""
     index_factory: str = "Flat"
@@ -118,6 +121,7 @@ class SynthesisConfig:
         need(self.block_docs >= 1, "--block-docs", "must be >= 1")
         need(self.embedding_dim >= 8, "--embedding-dim", "must be >= 8")
         need(self.nprobe >= 1, "--nprobe", "must be >= 1")
+        need(self.embedding_dtype in ("float16", "float32"), "--embedding-dtype", "float16 or float32")
         if self.mix is not None:
             need(len(self.mix) == len(self.inputs), "--mix", f"give one weight per --input ({len(self.inputs)})")
             need(all(w > 0 for w in self.mix), "--mix", "weights must be > 0")
@@ -130,15 +134,3 @@ class SynthesisConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
-
-    def stage_key(self, stage: str) -> dict:
-        """The settings a stage's output depends on (a change invalidates that stage and later ones)."""
-        c = self
-        keys = {
-            "chunk": dict(inputs=c.inputs, mix=c.mix, input_names=c.input_names, text_field=c.text_field,
-                          id_field=c.id_field, granularity=c.granularity),
-            "tokenize": dict(tokenizer=c.tokenizer),
-            "embed": dict(embedder=c.embedder, embedding_dim=c.embedding_dim, seed=c.seed),
-            "index": dict(index_factory=c.index_factory, index_train_size=c.index_train_size, seed=c.seed),
-        }
-        return keys[stage]

@@ -170,8 +170,8 @@ class SentenceTransformerEmbedder(Embedder):
         return np.asarray(out, dtype=np.float32)
 
 
-def make_embedder(spec: str, seed: int, dim: int = 256, batch_size: int = 64) -> Embedder:
-    """``hashing`` or a sentence-transformers model path/name."""
+def make_embedder(spec: str, seed: int, dim: int = 256, batch_size: int = 64, device: str | None = None) -> Embedder:
+    """``hashing`` or a sentence-transformers model path/name (on ``device``, default: CUDA if present)."""
     if spec == "hashing":
         return HashingEmbedder(dim=dim, seed=seed)
-    return SentenceTransformerEmbedder(spec, batch_size=batch_size)
+    return SentenceTransformerEmbedder(spec, batch_size=batch_size, device=device)

@@ -21,7 +21,6 @@ everything after it.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import os
@@ -36,10 +35,10 @@ from pathlib import Path
 import numpy as np
 
 from .config import SynthesisConfig
+from .stages import key_hash
 
 log = logging.getLogger(__name__)
 
-STAGES = ("chunk", "tokenize", "embed", "index")
 
 
 class SynthesisError(RuntimeError):
@@ -53,34 +52,6 @@ def _progress_factory(enabled: bool):
         return tqdm(total=total, desc=desc, unit=unit, disable=not enabled, mininterval=2.0, dynamic_ncols=True)
 
     return make
-
-
-def _marker(work: Path, stage: str) -> Path:
-    return work / f"{stage}.done.json"
-
-
-def _key_hash(key: dict) -> str:
-    return hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def _read_marker(work: Path, stage: str, key: dict) -> dict | None:
-    p = _marker(work, stage)
-    if not p.exists():
-        return None
-    try:
-        m = json.loads(p.read_text())
-    except json.JSONDecodeError:
-        log.warning("%s: unreadable marker; the stage is redone", p)
-        return None
-    return m if m.get("key_hash") == _key_hash(key) else None
-
-
-def _write_marker(work: Path, stage: str, key: dict, stats: dict, seconds: float) -> None:
-    p = _marker(work, stage)
-    tmp = p.with_name(p.name + f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps({"key": key, "key_hash": _key_hash(key), "stats": stats, "seconds": seconds},
-                              indent=1, sort_keys=True, default=str))
-    os.replace(tmp, p)
 
 
 def _versions() -> dict:
@@ -145,7 +116,7 @@ def _run_worker(part: int, start: int, slots: np.ndarray) -> dict:
 
 def run(cfg: SynthesisConfig, progress: bool = True) -> dict:
     """Run every stage; returns the manifest (also written to ``<prefix>_manifest.json``)."""
-    from . import embedding, index, pool, synthesize
+    from . import pool, synthesize
     from .tokenization import load_tokenizer
 
     t_start = time.time()
@@ -160,37 +131,9 @@ def run(cfg: SynthesisConfig, progress: bool = True) -> dict:
     log.info("tokenizer %s: vocabulary %d, bos %s (%s), eos %s (%s), sha256 %s", cfg.tokenizer, tok.vocab_size,
              tok.bos_token, tok.bos_id, tok.eos_token, tok.eos_id, tok.sha256[:12])
 
-    key: dict = {}
-    for stage in STAGES:
-        key = {**key, **cfg.stage_key(stage)}
-        if stage == "tokenize":
-            key["tokenizer_sha256"] = tok.sha256
-        done = _read_marker(work, stage, key)
-        if done is not None:
-            log.info("%s: up to date (%s), skipped", stage, _marker(work, stage))
-            stage_stats[stage] = done["stats"]
-            timings[stage] = 0.0
-            continue
-        t0 = time.time()
-        if stage == "chunk":
-            stats = pool.build_chunks(cfg, work, prog)
-            if stats["chunks"] == 0:
-                raise SynthesisError(f"no usable document in {cfg.inputs} (rejected: {stats['rejected']})")
-        elif stage == "tokenize":
-            stats = pool.tokenize_chunks(tok, work, prog)
-        elif stage == "embed":
-            emb = embedding.make_embedder(cfg.embedder, cfg.seed, cfg.embedding_dim, cfg.embed_batch_size)
-            stats = pool.embed_chunks(emb, work, prog)
-        else:
-            vecs = np.load(work / "embeddings.npy", mmap_mode="r")
-            idx = index.build_index(vecs, cfg.index_factory, cfg.index_train_size, cfg.seed, nprobe=cfg.nprobe)
-            index.save_index(idx, work / "index.faiss")
-            stats = {"factory": cfg.index_factory, "ntotal": int(idx.ntotal)}
-            log.info("index: %s over %d vectors", cfg.index_factory, idx.ntotal)
-        timings[stage] = round(time.time() - t0, 3)
-        _write_marker(work, stage, key, stats, timings[stage])
-        stage_stats[stage] = stats
+    from .stages import run_pool_stages
 
+    stage_stats, timings = run_pool_stages(cfg, work, tok, prog)
     # --- synthesis, in parts ---
     t0 = time.time()
     p = pool.load_pool(work)
@@ -204,15 +147,16 @@ def run(cfg: SynthesisConfig, progress: bool = True) -> dict:
     sep_ids = tok.encode(cfg.separator) if cfg.separator else []
     specials = {"bos": [tok.bos_id] if tok.bos_id is not None else [],
                 "eos": [tok.eos_id] if tok.eos_id is not None else [], "sep": sep_ids}
-    cpt = float(stage_stats["tokenize"]["chars_per_token"])
-    skey = {**key, **_synth_key(cfg), "tokenizer_sha256": tok.sha256, "plan": plan,
+    cpt = float(stage_stats["chunk"]["chars_per_token"])
+    pool_key = json.loads((work / "index.done.json").read_text())["key_hash"]
+    skey = {**_synth_key(cfg), "pool_key": pool_key, "tokenizer_sha256": tok.sha256, "plan": plan,
             "max_samples": cfg.max_samples}
     key_file = work / "synth" / "key.json"
-    if key_file.exists() and json.loads(key_file.read_text()).get("key_hash") != _key_hash(skey):
+    if key_file.exists() and json.loads(key_file.read_text()).get("key_hash") != key_hash(skey):
         log.info("synth: settings changed since the last run; previous parts are discarded")
         synthesize.clear_parts(work)
     key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(json.dumps({"key_hash": _key_hash(skey), "key": skey}, default=str, sort_keys=True))
+    key_file.write_text(json.dumps({"key_hash": key_hash(skey), "key": skey}, default=str, sort_keys=True))
     todo = []
     part_stats: list[dict | None] = [None] * len(plan)
     for i in range(len(plan)):
@@ -294,7 +238,7 @@ def run(cfg: SynthesisConfig, progress: bool = True) -> dict:
             "documents_per_input": stage_stats["chunk"]["documents_per_input"],
             "inputs_rejected": stage_stats["chunk"]["rejected"],
             "chunks": stage_stats["chunk"]["chunks"],
-            "pool_tokens": stage_stats["tokenize"]["tokens"],
+            "pool_tokens": stage_stats["chunk"]["tokens"],
             "chars_per_token": cpt,
             "meta_documents_ordered": len(order),
             "meta_documents_processed": slots_processed,

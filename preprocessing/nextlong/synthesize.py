@@ -244,10 +244,11 @@ def _write_spans(path: Path, rows: list[tuple], pool) -> int:
     cid = np.asarray(chunk_id, dtype=np.int64)
     has = cid >= 0
     safe = np.where(has, cid, 0)
-    doc_ids = np.asarray(pool.doc_ids + [""], dtype=object)
-    corpora = np.asarray(pool.corpora + [""], dtype=object)
-    doc_col = doc_ids[np.where(has, pool.chunk_doc[safe] if len(cid) else cid, len(pool.doc_ids))]
-    corpus_col = corpora[np.where(has, pool.chunk_corpus_code[safe] if len(cid) else cid, len(pool.corpora))]
+    docs = pool.chunk_doc[safe] if len(cid) else np.zeros(0, np.int64)
+    doc_col = np.asarray(pool.doc_ids_of(docs), dtype=object) if len(cid) else np.zeros(0, dtype=object)
+    doc_col[~has] = ""
+    corpora = np.asarray([*pool.corpora, ""], dtype=object)
+    corpus_col = corpora[np.where(has, pool.doc_corpus_code[docs] if len(cid) else cid, len(pool.corpora))]
     role_arr = np.asarray(role, dtype=object)
     table = pa.table({
         "sample": pa.array(np.asarray(sample, dtype=np.int64)),
