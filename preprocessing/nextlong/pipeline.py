@@ -114,81 +114,108 @@ def _run_worker(part: int, start: int, slots: np.ndarray) -> dict:
     return run_part(_CTX, part, slots, start)
 
 
-def run(cfg: SynthesisConfig, progress: bool = True) -> dict:
-    """Run every stage; returns the manifest (also written to ``<prefix>_manifest.json``)."""
-    from . import pool, synthesize
-    from .tokenization import load_tokenizer
+STAGES = ("chunk", "embed", "gather", "index", "synth", "merge")
 
-    t_start = time.time()
-    work = Path(cfg.resolved_work_dir)
-    work.mkdir(parents=True, exist_ok=True)
-    Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
-    prog = _progress_factory(progress)
-    timings: dict[str, float] = {}
-    stage_stats: dict[str, dict] = {}
+
+def _load_tok(cfg: SynthesisConfig):
+    from .tokenization import load_tokenizer
 
     tok = load_tokenizer(cfg.tokenizer, cfg.bos_token, cfg.eos_token)
     log.info("tokenizer %s: vocabulary %d, bos %s (%s), eos %s (%s), sha256 %s", cfg.tokenizer, tok.vocab_size,
              tok.bos_token, tok.bos_id, tok.eos_token, tok.eos_id, tok.sha256[:12])
+    return tok
 
-    from .stages import run_pool_stages
 
-    stage_stats, timings = run_pool_stages(cfg, work, tok, prog)
-    # --- synthesis, in parts ---
-    t0 = time.time()
-    p = pool.load_pool(work)
-    weights = {}
-    from .readers import parse_input_specs
+class _SynthPlan:
+    """What the synthesis and merge stages share: meta-document order, parts, special tokens."""
 
-    for spec in parse_input_specs(cfg.inputs, cfg.mix, cfg.input_names):
-        weights[spec.name] = spec.weight
-    order = synthesize.meta_document_order(p, weights, cfg.seed)
-    plan = synthesize.plan_parts(len(order), cfg.tasks, cfg.block_docs)
-    sep_ids = tok.encode(cfg.separator) if cfg.separator else []
-    specials = {"bos": [tok.bos_id] if tok.bos_id is not None else [],
-                "eos": [tok.eos_id] if tok.eos_id is not None else [], "sep": sep_ids}
-    cpt = float(stage_stats["chunk"]["chars_per_token"])
-    pool_key = json.loads((work / "index.done.json").read_text())["key_hash"]
-    skey = {**_synth_key(cfg), "pool_key": pool_key, "tokenizer_sha256": tok.sha256, "plan": plan,
-            "max_samples": cfg.max_samples}
-    key_file = work / "synth" / "key.json"
-    if key_file.exists() and json.loads(key_file.read_text()).get("key_hash") != key_hash(skey):
-        log.info("synth: settings changed since the last run; previous parts are discarded")
-        synthesize.clear_parts(work)
-    key_file.parent.mkdir(parents=True, exist_ok=True)
-    key_file.write_text(json.dumps({"key_hash": key_hash(skey), "key": skey}, default=str, sort_keys=True))
-    todo = []
-    part_stats: list[dict | None] = [None] * len(plan)
-    for i in range(len(plan)):
-        m = synthesize.part_paths(work, i)["marker"]
-        if m.exists():
-            part_stats[i] = json.loads(m.read_text())
-        else:
-            todo.append(i)
-    if len(todo) < len(plan):
-        log.info("synth: %d of %d parts already complete, skipped", len(plan) - len(todo), len(plan))
-    log.info("synth: %d meta-documents in %d part(s), target %d tokens, method %s", len(order), len(plan),
-             cfg.target_length, cfg.method)
-    if todo:
-        if cfg.tasks == 1 or len(todo) == 1:
-            ctx = synthesize.PartContext(cfg, work, specials, cpt, tok.vocab_size)
-            for i in todo:
-                a, b = plan[i]
-                bar = prog(total=b - a, desc=f"synth part {i}", unit="doc")
-                part_stats[i] = synthesize.run_part(ctx, i, order[a:b], a, progress=bar.update)
-                bar.close()
-        else:
-            import multiprocessing as mp
+    def __init__(self, cfg: SynthesisConfig, work: Path, tok, summary: dict) -> None:
+        from . import pool, synthesize
+        from .readers import parse_input_specs
 
-            with ProcessPoolExecutor(max_workers=min(cfg.tasks, len(todo)), mp_context=mp.get_context("spawn"),
-                                     initializer=_init_worker,
-                                     initargs=(cfg.to_dict(), str(work), specials, cpt, tok.vocab_size)) as ex:
-                futs = {i: ex.submit(_run_worker, i, plan[i][0], order[plan[i][0]:plan[i][1]]) for i in todo}
-                for i, f in futs.items():
-                    part_stats[i] = f.result()
-                    log.info("synth: part %d done: %d samples", i, part_stats[i]["samples"])
-    timings["synthesize"] = round(time.time() - t0, 3)
+        p = pool.load_pool(work)
+        weights = {s.name: s.weight for s in parse_input_specs(cfg.inputs, cfg.mix, cfg.input_names)}
+        self.order = synthesize.meta_document_order(p, weights, cfg.seed)
+        self.plan = synthesize.plan_parts(len(self.order), cfg.tasks, cfg.block_docs)
+        self.sep_ids = tok.encode(cfg.separator) if cfg.separator else []
+        self.specials = {"bos": [tok.bos_id] if tok.bos_id is not None else [],
+                         "eos": [tok.eos_id] if tok.eos_id is not None else [], "sep": self.sep_ids}
+        self.cpt = float(summary["chunk"]["chars_per_token"])
+        self.n_chunks, self.pool_tokens = p.n_chunks, int(p.offsets[-1])
+        self.key = {**_synth_key(cfg), "pool_key": summary["index_key_hash"], "tokenizer_sha256": tok.sha256,
+                    "plan": self.plan, "max_samples": cfg.max_samples}
 
+    def claim(self, work: Path) -> None:
+        """Discard parts written under other settings, then record the current ones."""
+        from . import synthesize
+
+        key_file = work / "synth" / "key.json"
+        if key_file.exists() and json.loads(key_file.read_text()).get("key_hash") != key_hash(self.key):
+            log.info("synth: settings changed since the last run; previous parts are discarded")
+            synthesize.clear_parts(work)
+        key_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = key_file.with_name(f".key.json.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps({"key_hash": key_hash(self.key), "key": self.key}, default=str, sort_keys=True))
+        os.replace(tmp, key_file)
+
+    def done_parts(self, work: Path) -> list[dict | None]:
+        from . import synthesize
+
+        key_file = work / "synth" / "key.json"
+        if not key_file.exists() or json.loads(key_file.read_text()).get("key_hash") != key_hash(self.key):
+            return [None] * len(self.plan)
+        out: list[dict | None] = []
+        for i in range(len(self.plan)):
+            m = synthesize.part_paths(work, i)["marker"]
+            out.append(json.loads(m.read_text()) if m.exists() else None)
+        return out
+
+
+def stage_synth(cfg: SynthesisConfig, work: Path, tok, summary: dict, prog, task_index: int | None = None) -> None:
+    """Synthesize every part not done yet (or only part ``task_index``, for a Slurm array task)."""
+    from . import synthesize
+
+    sp = _SynthPlan(cfg, work, tok, summary)
+    if task_index is None:
+        sp.claim(work)
+    elif not (work / "synth" / "key.json").exists() or sp.done_parts(work) == [None] * len(sp.plan):
+        sp.claim(work)  # the first array task to start; the others find the same key
+    part_stats = sp.done_parts(work)
+    todo = [i for i, s in enumerate(part_stats) if s is None and (task_index is None or i == task_index)]
+    if task_index is not None and task_index >= len(sp.plan):
+        log.info("synth: task %d has no part (the pool gives %d parts)", task_index, len(sp.plan))
+        return
+    log.info("synth: %d meta-documents in %d part(s) (%d to do), target %d tokens, method %s", len(sp.order),
+             len(sp.plan), len(todo), cfg.target_length, cfg.method)
+    if not todo:
+        return
+    if cfg.tasks == 1 or len(todo) == 1:
+        ctx = synthesize.PartContext(cfg, work, sp.specials, sp.cpt, tok.vocab_size)
+        for i in todo:
+            a, b = sp.plan[i]
+            bar = prog(total=b - a, desc=f"synth part {i}", unit="doc")
+            synthesize.run_part(ctx, i, sp.order[a:b], a, progress=bar.update)
+            bar.close()
+        return
+    import multiprocessing as mp
+
+    with ProcessPoolExecutor(max_workers=min(cfg.tasks, len(todo)), mp_context=mp.get_context("spawn"),
+                             initializer=_init_worker,
+                             initargs=(cfg.to_dict(), str(work), sp.specials, sp.cpt, tok.vocab_size)) as ex:
+        futs = {i: ex.submit(_run_worker, i, sp.plan[i][0], sp.order[sp.plan[i][0] : sp.plan[i][1]]) for i in todo}
+        for i, f in futs.items():
+            log.info("synth: part %d done: %d samples", i, f.result()["samples"])
+
+
+def stage_merge(cfg: SynthesisConfig, work: Path, tok, summary: dict, timings: dict, t_start: float) -> dict:
+    """Merge the parts into the final datasets and write the manifest."""
+    from . import synthesize
+
+    sp = _SynthPlan(cfg, work, tok, summary)
+    part_stats = sp.done_parts(work)
+    missing = [i for i, s in enumerate(part_stats) if s is None]
+    if missing:
+        raise SynthesisError(f"synthesis parts {missing[:10]} are not complete; run --stage synth first")
     dropped: dict[str, int] = {}
     for s in part_stats:
         for r, n in s["dropped"].items():
@@ -197,11 +224,11 @@ def run(cfg: SynthesisConfig, progress: bool = True) -> dict:
     if produced == 0:
         raise SynthesisError(
             f"the corpus is too small to fill even one sample of {cfg.target_length} tokens: "
-            f"{len(order)} meta-documents, {p.n_chunks} chunks ({int(p.offsets[-1])} tokens) in the pool; "
+            f"{len(sp.order)} meta-documents, {sp.n_chunks} chunks ({sp.pool_tokens} tokens) in the pool; "
             f"dropped {dropped}. Lower --target-length or add input documents."
         )
     t0 = time.time()
-    merged = synthesize.merge_parts(work, len(plan), cfg.output_prefix, cfg.emit_labels, cfg.max_samples)
+    merged = synthesize.merge_parts(work, len(sp.plan), cfg.output_prefix, cfg.emit_labels, cfg.max_samples)
     timings["merge"] = round(time.time() - t0, 3)
 
     rejects_src = work / "rejects.jsonl"
@@ -211,9 +238,11 @@ def run(cfg: SynthesisConfig, progress: bool = True) -> dict:
     os.replace(tmp, rejects_dst)
 
     overfill = [x for s in part_stats for x in s.get("paper_budget_overfill_tokens", [])]
-    slots_processed = sum(s["slots_processed"] for s in part_stats)
     wall = time.time() - t_start
     prefix_name = Path(cfg.output_prefix).name
+    task_seconds = dict(summary["task_seconds"], synth=round(sum(s["seconds"] for s in part_stats), 3))
+    cpu_seconds = dict(summary["cpu_seconds"], synth=round(sum(s.get("cpu_seconds", 0.0) for s in part_stats), 3))
+    chunk = summary["chunk"]
     manifest = {
         "format": "nextlong-neox/1 (docs/format.md)",
         "config": cfg.to_dict(),
@@ -223,7 +252,7 @@ def run(cfg: SynthesisConfig, progress: bool = True) -> dict:
         "host": {"platform": platform.platform(), "cpus": os.cpu_count()},
         "tokenizer": {"spec": cfg.tokenizer, "sha256": tok.sha256, "vocab_size": tok.vocab_size,
                       "bos_token": tok.bos_token, "bos_id": tok.bos_id, "eos_token": tok.eos_token,
-                      "eos_id": tok.eos_id, "separator_ids": sep_ids,
+                      "eos_id": tok.eos_id, "separator_ids": sp.sep_ids,
                       "token_dtype": str(np.dtype(synthesize.token_dtype_for_vocab(tok.vocab_size)))},
         "files": {
             "text": f"{prefix_name}_text_document",
@@ -234,27 +263,30 @@ def run(cfg: SynthesisConfig, progress: bool = True) -> dict:
             "work_dir": os.path.relpath(work, Path(cfg.output_prefix).parent),
         },
         "counts": {
-            "documents_in": stage_stats["chunk"]["documents"],
-            "documents_per_input": stage_stats["chunk"]["documents_per_input"],
-            "inputs_rejected": stage_stats["chunk"]["rejected"],
-            "chunks": stage_stats["chunk"]["chunks"],
-            "pool_tokens": stage_stats["chunk"]["tokens"],
-            "chars_per_token": cpt,
-            "meta_documents_ordered": len(order),
-            "meta_documents_processed": slots_processed,
+            "documents_in": chunk["documents"],
+            "documents_per_input": chunk["documents_per_input"],
+            "inputs_rejected": chunk["rejected"],
+            "shards": chunk["shards"],
+            "chunks": chunk["chunks"],
+            "pool_tokens": chunk["tokens"],
+            "chars_per_token": sp.cpt,
+            "meta_documents_ordered": len(sp.order),
+            "meta_documents_processed": sum(s["slots_processed"] for s in part_stats),
             "samples_out": merged["samples"],
             "tokens_out": merged["tokens"],
             "dropped": dict(sorted(dropped.items())),
             "filtered_candidates": {k: sum(s.get("filtered_candidates", {}).get(k, 0) for s in part_stats)
-                                    for k in ("same_document", "duplicate")},
+                                    for k in ("same_document", "duplicate", "adaptive_k_retries")},
         },
         "paper_budget": None if cfg.budget != "paper" else {
             "samples_overfilled": int(sum(1 for x in overfill if x > 0)),
             "mean_overfill_tokens": float(np.mean(overfill)) if overfill else 0.0,
             "underfilled_dropped": dropped.get("paper_budget_underfill", 0),
         },
-        "stages": {k: v for k, v in stage_stats.items()},
+        "stages": {"chunk": chunk, "embed": summary["embed"], "index": summary["index"]},
         "stage_seconds": timings,
+        "stage_task_seconds": task_seconds,
+        "stage_cpu_seconds": cpu_seconds,
         "wall_seconds": round(wall, 3),
         "tokens_per_second": round(merged["tokens"] / wall, 1) if wall > 0 else None,
         "peak_rss_mib": round(_peak_rss_mib(), 1),
@@ -263,10 +295,46 @@ def run(cfg: SynthesisConfig, progress: bool = True) -> dict:
     log.info(
         "done: %d documents in -> %d samples x %d tokens (%d tokens) in %.1f s (%.0f tokens/s), dropped %s, "
         "peak RSS %.0f MiB; stages %s",
-        manifest["counts"]["documents_in"], merged["samples"], cfg.target_length, merged["tokens"], wall,
+        chunk["documents"], merged["samples"], cfg.target_length, merged["tokens"], wall,
         manifest["tokens_per_second"] or 0, dropped or "none", manifest["peak_rss_mib"], timings,
     )
     return manifest
+
+
+def run(cfg: SynthesisConfig, progress: bool = True, stage: str = "all", task_index: int | None = None) -> dict | None:
+    """Run every stage (``stage="all"``), or one stage, or one array task of one stage. Returns the manifest
+    when the merge ran (it is also written to ``<prefix>_manifest.json``)."""
+    from . import stages
+
+    if stage != "all" and stage not in STAGES:
+        raise SynthesisError(f"--stage {stage!r}: choose from all, {', '.join(STAGES)}")
+    t_start = time.time()
+    work = Path(cfg.resolved_work_dir)
+    work.mkdir(parents=True, exist_ok=True)
+    Path(cfg.output_prefix).parent.mkdir(parents=True, exist_ok=True)
+    prog = _progress_factory(progress)
+    tok = _load_tok(cfg)
+    if stage == "all":
+        summary, timings = stages.run_pool_stages(cfg, work, tok, prog)
+        t0 = time.time()
+        stage_synth(cfg, work, tok, summary, prog)
+        timings["synthesize"] = round(time.time() - t0, 3)
+        return stage_merge(cfg, work, tok, summary, timings, t_start)
+    if stage == "chunk":
+        stages.stage_chunk(cfg, work, tok, prog, task_index)
+    elif stage == "embed":
+        stages.stage_embed(cfg, work, tok, prog, task_index)
+    elif stage == "gather":
+        stages.stage_gather(cfg, work, tok, prog)
+    elif stage == "index":
+        stages.stage_index(cfg, work, tok, prog)
+    elif stage == "synth":
+        stage_synth(cfg, work, tok, stages.pool_summary(cfg, work, tok), prog, task_index)
+    else:
+        return stage_merge(cfg, work, tok, stages.pool_summary(cfg, work, tok), {}, t_start)
+    log.info("stage %s%s done in %.1f s", stage, "" if task_index is None else f" task {task_index}",
+             time.time() - t_start)
+    return None
 
 
 def _write_manifest(prefix: str, manifest: dict) -> Path:

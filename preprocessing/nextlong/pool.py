@@ -179,9 +179,8 @@ def shard_texts(work: Path, shard: Shard) -> list[str]:
     return pq.read_table(shard_dir(work, shard) / "chunks.parquet", columns=["text"]).column("text").to_pylist()
 
 
-def hashing_idf(work: Path, shards: list[Shard], n_features: int) -> np.ndarray:
-    """The global idf of the hashing embedder, from every shard's document frequencies (cached in idf.npy)."""
-    path = work / "pool" / "idf.npy"
+def hashing_idf(path: Path, work: Path, shards: list[Shard], n_features: int) -> np.ndarray:
+    """The global idf of the hashing embedder, from every shard's document frequencies (cached at ``path``)."""
     if path.exists():
         return np.load(path)
     df = np.zeros(n_features, dtype=np.int64)

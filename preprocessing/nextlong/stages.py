@@ -109,20 +109,22 @@ def _device_for_slot(slot: int) -> str | None:
 def _do_chunk(shard, key: dict) -> dict:
     from .pool import chunk_shard, shard_dir
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     stats = chunk_shard(_STATE["cfg"], _STATE["work"], shard, _tokenizer())
+    stats["cpu_seconds"] = round(time.process_time() - c0, 3)
     write_marker(shard_dir(_STATE["work"], shard) / "chunk.done.json", key, stats, time.time() - t0)
     return stats
 
 
-def _do_embed(shard, key: dict, shards: list) -> dict:
+def _do_embed(shard, key: dict, shards: list, idf_path: Path) -> dict:
     from .pool import embed_shard, hashing_idf, shard_dir
 
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     cfg, work = _STATE["cfg"], _STATE["work"]
     emb = _embedder()
-    idf = hashing_idf(work, shards, emb.n_features) if cfg.embedder == "hashing" else None
+    idf = hashing_idf(idf_path, work, shards, emb.n_features) if cfg.embedder == "hashing" else None
     stats = embed_shard(cfg, work, shard, emb, idf)
+    stats["cpu_seconds"] = round(time.process_time() - c0, 3)
     write_marker(shard_dir(work, shard) / "embed.done.json", key, stats, time.time() - t0)
     return stats
 
@@ -153,91 +155,186 @@ def _run_tasks(fn, jobs: list[tuple], cfg, work: Path, tokenizer_path: str, desc
     return results
 
 
-def run_pool_stages(cfg, work: Path, tok, progress) -> tuple[dict, dict]:
-    """chunk -> embed -> gather -> index. Returns (stats by stage, seconds by stage)."""
-    from . import index as faiss_index
-    from .pool import gather, plan_shards, shard_dir
+def _select(units: list, task_index: int | None, tasks: int) -> list:
+    """All units, or those of one array task (round-robin: unit i belongs to task i mod tasks)."""
+    if task_index is None:
+        return units
+    return [u for i, u in enumerate(units) if i % tasks == task_index]
 
-    keys = stage_keys(cfg, tok.sha256)
-    shards = plan_shards(cfg)
-    tokenizer_path = str(work / "tokenizer.json")
-    if not Path(tokenizer_path).exists():
-        tmp = f"{tokenizer_path}.tmp-{os.getpid()}"
-        tok.tokenizer.save(tmp)
+
+def prepare(cfg, work: Path, tok) -> tuple[list, dict[str, dict], str]:
+    """Shards, stage keys and the work directory's tokenizer.json (what every stage task loads)."""
+    from .pool import plan_shards
+
+    work.mkdir(parents=True, exist_ok=True)
+    tokenizer_path = work / "tokenizer.json"
+    tmp = tokenizer_path.with_name(f".tokenizer.json.tmp-{os.getpid()}")
+    tok.tokenizer.save(str(tmp))
+    if tokenizer_path.exists() and tokenizer_path.read_bytes() == tmp.read_bytes():
+        tmp.unlink()
+    else:
         os.replace(tmp, tokenizer_path)
-    stats: dict[str, dict] = {}
-    seconds: dict[str, float] = {}
+    return plan_shards(cfg), stage_keys(cfg, tok.sha256), str(tokenizer_path)
 
-    # chunk + tokenize, per shard
-    t0 = time.time()
-    todo, chunk_stats = [], {}
-    for s in shards:
-        key = _shard_key(keys["chunk"], s)
-        m = read_marker(shard_dir(work, s) / "chunk.done.json", key)
-        if m is None:
-            todo.append((s, key))
-        else:
-            chunk_stats[s.index] = m["stats"]
-    if len(todo) < len(shards):
-        log.info("chunk: %d of %d shards already done", len(shards) - len(todo), len(shards))
-    for (s, _), st in zip(todo, _run_tasks(_do_chunk, todo, cfg, work, tokenizer_path, "chunk+tokenize", progress),
-                          strict=True):
-        chunk_stats[s.index] = st
-    rejected: Counter[str] = Counter()
-    per_input: dict[str, int] = {}
-    for s in shards:
-        rejected.update(chunk_stats[s.index]["rejected"])
-        per_input[s.spec.name] = per_input.get(s.spec.name, 0) + chunk_stats[s.index]["documents"]
-    totals = {k: sum(chunk_stats[s.index][k] for s in shards) for k in ("documents", "chunks", "tokens", "chars")}
-    stats["chunk"] = {**totals, "shards": len(shards), "documents_per_input": per_input,
-                      "rejected": dict(sorted(rejected.items())),
-                      "chars_per_token": totals["chars"] / max(1, totals["tokens"])}
-    seconds["chunk"] = round(time.time() - t0, 3)
-    log.info("chunk: %d documents -> %d chunks -> %d tokens (%.2f chars/token) in %d shard(s); rejected %s",
-             totals["documents"], totals["chunks"], totals["tokens"], stats["chunk"]["chars_per_token"], len(shards),
-             stats["chunk"]["rejected"] or "none")
-    if totals["chunks"] == 0:
-        from .pipeline import SynthesisError
 
-        raise SynthesisError(f"no usable document in {cfg.inputs} (rejected: {dict(rejected)})")
+def stage_chunk(cfg, work: Path, tok, progress, task_index: int | None = None) -> None:
+    """Read, chunk and tokenize every shard not done yet (or only those of ``task_index``)."""
+    from .pool import shard_dir
 
-    # embed, per shard
-    t0 = time.time()
+    shards, keys, tokenizer_path = prepare(cfg, work, tok)
     todo = []
-    for s in shards:
+    for s in _select(shards, task_index, cfg.tasks):
+        key = _shard_key(keys["chunk"], s)
+        if read_marker(shard_dir(work, s) / "chunk.done.json", key) is None:
+            todo.append((s, key))
+    if len(todo) < len(_select(shards, task_index, cfg.tasks)):
+        log.info("chunk: %d shard(s) already done", len(_select(shards, task_index, cfg.tasks)) - len(todo))
+    run_cfg = cfg if task_index is None else _single_task(cfg)
+    _run_tasks(_do_chunk, todo, run_cfg, work, tokenizer_path, "chunk+tokenize", progress)
+
+
+def stage_embed(cfg, work: Path, tok, progress, task_index: int | None = None) -> None:
+    """Embed every shard not done yet (or only those of ``task_index``)."""
+    from .pool import shard_dir
+
+    shards, keys, tokenizer_path = prepare(cfg, work, tok)
+    _require(work, shards, keys, "chunk")
+    # the idf is named after every shard's identity: a changed pool never reads a stale one
+    idf_path = work / "pool" / f"idf-{key_hash(_gather_key(keys, shards))}.npy"
+    todo = []
+    for s in _select(shards, task_index, cfg.tasks):
         key = _shard_key(keys["embed"], s)
         if read_marker(shard_dir(work, s) / "embed.done.json", key) is None:
-            todo.append((s, key, shards))
-    if cfg.embedder == "hashing" and todo:
-        (work / "pool" / "idf.npy").unlink(missing_ok=True)  # recomputed from the current shards
-    _run_tasks(_do_embed, todo, cfg, work, tokenizer_path, "embed", progress)
-    seconds["embed"] = round(time.time() - t0, 3)
-    stats["embed"] = {"embedder": cfg.embedder, "dim": int(np.load(shard_dir(work, shards[0]) / "embeddings.npy",
-                                                                   mmap_mode="r").shape[1]),
-                      "dtype": cfg.embedding_dtype, "shards_embedded": len(todo)}
-    log.info("embed: %d chunks with %s (%d shard(s) embedded, %d up to date)", totals["chunks"], cfg.embedder,
-             len(todo), len(shards) - len(todo))
+            todo.append((s, key, shards, idf_path))
+    run_cfg = cfg if task_index is None else _single_task(cfg)
+    _run_tasks(_do_embed, todo, run_cfg, work, tokenizer_path, "embed", progress)
 
-    # gather: global ids and files
-    t0 = time.time()
-    gkey = dict(keys["gather"], shards=[_shard_key({}, s) for s in shards])
+
+def _single_task(cfg):
+    import dataclasses
+
+    return dataclasses.replace(cfg, tasks=1)
+
+
+def _require(work: Path, shards: list, keys: dict, stage: str) -> list[dict]:
+    """Markers of ``stage`` for every shard; an error naming the shards that are not done."""
+    from .pool import shard_dir
+
+    out, missing = [], []
+    for s in shards:
+        m = read_marker(shard_dir(work, s) / f"{stage}.done.json", _shard_key(keys[stage], s))
+        if m is None:
+            missing.append(f"{s.name} ({s.spec.pattern})")
+        else:
+            out.append(m)
+    if missing:
+        from .pipeline import SynthesisError
+
+        raise SynthesisError(f"stage {stage!r} is not complete for {len(missing)} shard(s): {missing[:5]}"
+                             f"{' ...' if len(missing) > 5 else ''}; run --stage {stage} first")
+    return out
+
+
+def _gather_key(keys: dict, shards: list) -> dict:
+    return dict(keys["gather"], shards=[_shard_key({}, s) for s in shards])
+
+
+def _index_key(keys: dict, shards: list) -> dict:
+    g = _gather_key(keys, shards)
+    return dict(g, **{k: v for k, v in keys["index"].items() if k not in g})
+
+
+def stage_gather(cfg, work: Path, tok, progress) -> None:
+    from .pool import gather
+
+    shards, keys, _ = prepare(cfg, work, tok)
+    _require(work, shards, keys, "embed")
+    gkey = _gather_key(keys, shards)
     if read_marker(work / "gather.done.json", gkey) is None:
-        corpora = sorted({s.spec.name for s in shards})
-        g = gather(work, shards, corpora, progress)
-        write_marker(work / "gather.done.json", gkey, g, time.time() - t0)
-    seconds["gather"] = round(time.time() - t0, 3)
+        t0, c0 = time.time(), time.process_time()
+        g = gather(work, shards, sorted({s.spec.name for s in shards}), progress)
+        write_marker(work / "gather.done.json", gkey, dict(g, cpu_seconds=round(time.process_time() - c0, 3)),
+                     time.time() - t0)
 
-    # index
-    t0 = time.time()
-    ikey = dict(gkey, **{k: v for k, v in keys["index"].items() if k not in gkey})
-    m = read_marker(work / "index.done.json", ikey)
-    if m is None:
+
+def stage_index(cfg, work: Path, tok, progress) -> None:
+    from . import index as faiss_index
+
+    shards, keys, _ = prepare(cfg, work, tok)
+    ikey = _index_key(keys, shards)
+    if read_marker(work / "gather.done.json", _gather_key(keys, shards)) is None:
+        from .pipeline import SynthesisError
+
+        raise SynthesisError("stage 'gather' is not complete; run --stage gather first")
+    if read_marker(work / "index.done.json", ikey) is None:
+        t0, c0 = time.time(), time.process_time()
         vecs = np.load(work / "embeddings.npy", mmap_mode="r")
         idx = faiss_index.build_index(vecs, cfg.index_factory, cfg.index_train_size, cfg.seed, nprobe=cfg.nprobe)
         faiss_index.save_index(idx, work / "index.faiss")
-        m = {"stats": {"factory": cfg.index_factory, "ntotal": int(idx.ntotal)}}
-        write_marker(work / "index.done.json", ikey, m["stats"], time.time() - t0)
+        write_marker(work / "index.done.json", ikey,
+                     {"factory": cfg.index_factory, "ntotal": int(idx.ntotal), "gpus": faiss_index.gpu_count(),
+                      "cpu_seconds": round(time.process_time() - c0, 3)}, time.time() - t0)
         log.info("index: %s over %d vectors", cfg.index_factory, idx.ntotal)
-    stats["index"] = m["stats"]
-    seconds["index"] = round(time.time() - t0, 3)
-    return stats, seconds
+
+
+def pool_summary(cfg, work: Path, tok) -> dict:
+    """Statistics of the finished pool stages, from their markers (any task layout, local or Slurm)."""
+    shards, keys, _ = prepare(cfg, work, tok)
+    chunk = [m["stats"] | {"seconds": m.get("seconds", 0.0)} for m in _require(work, shards, keys, "chunk")]
+    embed = [m["stats"] | {"seconds": m.get("seconds", 0.0)} for m in _require(work, shards, keys, "embed")]
+    rejected: Counter[str] = Counter()
+    per_input: dict[str, int] = {}
+    for s, st in zip(shards, chunk, strict=True):
+        rejected.update(st["rejected"])
+        per_input[s.spec.name] = per_input.get(s.spec.name, 0) + st["documents"]
+    totals = {k: sum(st[k] for st in chunk) for k in ("documents", "chunks", "tokens", "chars")}
+    g = read_marker(work / "gather.done.json", _gather_key(keys, shards))
+    ix = read_marker(work / "index.done.json", _index_key(keys, shards))
+    return {
+        "chunk": {**totals, "shards": len(shards), "documents_per_input": per_input,
+                  "rejected": dict(sorted(rejected.items())),
+                  "chars_per_token": totals["chars"] / max(1, totals["tokens"])},
+        "embed": {"embedder": cfg.embedder, "dtype": cfg.embedding_dtype,
+                  "dim": embed[0].get("dim") if embed else None},
+        "index": ix["stats"] if ix else None,
+        "index_key_hash": ix["key_hash"] if ix else None,
+        "task_seconds": {"chunk": round(sum(st["seconds"] for st in chunk), 3),
+                         "embed": round(sum(st["seconds"] for st in embed), 3),
+                         "gather": g.get("seconds", 0.0) if g else None,
+                         "index": ix.get("seconds", 0.0) if ix else None},
+        "cpu_seconds": {"chunk": round(sum(st.get("cpu_seconds", 0.0) for st in chunk), 3),
+                        "embed": round(sum(st.get("cpu_seconds", 0.0) for st in embed), 3),
+                        "gather": g["stats"].get("cpu_seconds") if g else None,
+                        "index": ix["stats"].get("cpu_seconds") if ix else None},
+    }
+
+
+def run_pool_stages(cfg, work: Path, tok, progress) -> tuple[dict, dict]:
+    """chunk -> embed -> gather -> index, all in this run. Returns (summary, wall seconds by stage)."""
+    seconds: dict[str, float] = {}
+    for name, fn in (("chunk", stage_chunk), ("embed", stage_embed), ("gather", stage_gather),
+                     ("index", stage_index)):
+        t0 = time.time()
+        fn(cfg, work, tok, progress)
+        seconds[name] = round(time.time() - t0, 3)
+        if name == "chunk":
+            summary = pool_summary_partial(cfg, work, tok)
+            log.info("chunk: %d documents -> %d chunks -> %d tokens (%.2f chars/token) in %d shard(s); rejected %s",
+                     summary["documents"], summary["chunks"], summary["tokens"], summary["chars_per_token"],
+                     summary["shards"], summary["rejected"] or "none")
+            if summary["chunks"] == 0:
+                from .pipeline import SynthesisError
+
+                raise SynthesisError(f"no usable document in {cfg.inputs} (rejected: {summary['rejected']})")
+    return pool_summary(cfg, work, tok), seconds
+
+
+def pool_summary_partial(cfg, work: Path, tok) -> dict:
+    shards, keys, _ = prepare(cfg, work, tok)
+    chunk = [m["stats"] for m in _require(work, shards, keys, "chunk")]
+    rejected: Counter[str] = Counter()
+    for st in chunk:
+        rejected.update(st["rejected"])
+    totals = {k: sum(st[k] for st in chunk) for k in ("documents", "chunks", "tokens", "chars")}
+    return {**totals, "shards": len(shards), "rejected": dict(sorted(rejected.items())),
+            "chars_per_token": totals["chars"] / max(1, totals["tokens"])}

@@ -156,7 +156,7 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
     cfg, pool = ctx.cfg, ctx.pool
     paths = part_paths(ctx.work, part)
     paths["marker"].parent.mkdir(parents=True, exist_ok=True)
-    t0 = time.time()
+    t0, c0 = time.time(), time.process_time()
     writers = {
         "text": IndexedDatasetWriter(paths["text"], ctx.token_dtype),
         "lossweight": IndexedDatasetWriter(paths["lossweight"], np.uint8),
@@ -227,6 +227,7 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
         "samples": produced, "dropped": dict(sorted(dropped.items())), "filtered_candidates": dict(filt),
         "negative_spans": n_negative,
         "paper_budget_overfill_tokens": overfill, "seconds": round(time.time() - t0, 3),
+        "cpu_seconds": round(time.process_time() - c0, 3),
     }
     tmp = paths["marker"].with_name(paths["marker"].name + ".tmp")
     tmp.write_text(json.dumps(stats, indent=1, sort_keys=True))
