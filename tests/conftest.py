@@ -62,7 +62,7 @@ def small_tokenizer_json(tmp_path_factory, docs_corpus) -> Path:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=4000, special_tokens=["<s>", "</s>"],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
-    texts = [json.loads(line)["text"] for line in open(docs_corpus, encoding="utf-8")]
+    texts = [json.loads(line)["text"] for line in docs_corpus.read_text(encoding="utf-8").splitlines()]
     tok.train_from_iterator(texts, trainer)
     path = tmp_path_factory.mktemp("tok_small") / "tokenizer.json"
     tok.save(str(path))

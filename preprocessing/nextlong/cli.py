@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 
@@ -70,6 +71,21 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--block-docs", type=int, default=256,
                     help="meta-documents per batched FAISS search (and per unit of work shared by tasks)")
     ru.add_argument("--tasks", type=int, default=1, help="parallel local synthesis tasks (bytes do not change)")
+    ru.add_argument("--stage", default="all", choices=("all", "chunk", "embed", "gather", "index", "synth", "merge"),
+                    help="run one stage only (the others must be done, or be run later)")
+    ru.add_argument("--task-index", type=int, default=None,
+                    help="with --stage: do only this array task's share of the stage (0 .. --tasks - 1)")
+    ru.add_argument("--executor", choices=("local", "slurm"), default="local",
+                    help="local: run here; slurm: submit one job array per stage, chained with afterok")
+    sl = p.add_argument_group("slurm (with --executor slurm)")
+    sl.add_argument("--partition", help="partition of every job")
+    sl.add_argument("--gpu-partition", help="partition of the embed array (default: --partition)")
+    sl.add_argument("--slurm-gpus", type=int, default=0, help="GPUs per embed task")
+    sl.add_argument("--slurm-cpus", type=int, default=8, help="CPU cores per task")
+    sl.add_argument("--slurm-mem", default="64G", help="memory per task, Slurm syntax")
+    sl.add_argument("--slurm-time", default="24:00:00", help="time limit per task, Slurm syntax")
+    sl.add_argument("--slurm-account", help="account to charge")
+    sl.add_argument("--slurm-extra", action="append", default=[], help="extra #SBATCH line, e.g. --qos=high")
     ru.add_argument("--no-verify", dest="verify", action="store_false", help="skip the dataset check at the end")
     ru.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
     ru.add_argument("--demo", action="store_true",
@@ -79,8 +95,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
+#: flags that choose where and how much of the run happens, not what it computes
+RUN_ONLY = ("demo", "verbose", "progress", "stage", "task_index", "executor", "partition", "gpu_partition",
+            "slurm_gpus", "slurm_cpus", "slurm_mem", "slurm_time", "slurm_account", "slurm_extra")
+
+
+def strip_flags(parser: argparse.ArgumentParser, argv: list[str], dests: tuple[str, ...]) -> list[str]:
+    """``argv`` without the options whose destination is in ``dests`` (both ``--f v`` and ``--f=v``)."""
+    takes_value: dict[str, bool] = {}
+    for action in parser._actions:  # noqa: SLF001 - argparse exposes no public list of actions
+        if action.dest in dests:
+            for opt in action.option_strings:
+                takes_value[opt] = action.nargs != 0
+    out: list[str] = []
+    i = 0
+    while i < len(argv):
+        a = argv[i]
+        name = a.split("=", 1)[0]
+        if name in takes_value:
+            i += 1 if ("=" in a or not takes_value[name]) else 2
+            continue
+        out.append(a)
+        i += 1
+    return out
+
+
 def config_from_args(args: argparse.Namespace) -> SynthesisConfig:
-    values = {k: v for k, v in vars(args).items() if k not in ("demo", "verbose", "progress")}
+    values = {k: v for k, v in vars(args).items() if k not in RUN_ONLY}
     if args.demo:
         for k, v in DEMO.items():
             if values.get(k) in (None, build_parser().get_default(k)):
@@ -92,7 +133,9 @@ def config_from_args(args: argparse.Namespace) -> SynthesisConfig:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("faiss").setLevel(logging.WARNING)
@@ -103,10 +146,29 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         cfg = config_from_args(args)
-        manifest = run(cfg, progress=args.progress)
+        if args.task_index is not None and not 0 <= args.task_index < cfg.tasks:
+            raise ConfigError(f"--task-index: {args.task_index} is not in [0, --tasks {cfg.tasks})")
+        if args.task_index is not None and args.stage not in ("chunk", "embed", "synth"):
+            raise ConfigError("--task-index: only the chunk, embed and synth stages are split into tasks")
+        if args.executor == "slurm":
+            from .slurm import SlurmOptions, submit
+
+            opts = SlurmOptions(partition=args.partition, gpu_partition=args.gpu_partition,
+                                gpus_per_task=args.slurm_gpus, cpus_per_task=args.slurm_cpus, mem=args.slurm_mem,
+                                time=args.slurm_time, account=args.slurm_account, extra=args.slurm_extra)
+            base = strip_flags(parser, argv, RUN_ONLY)
+            if args.demo:
+                base += [f"--{k.replace('_', '-')}={v}" for k, v in DEMO.items() if k != "inputs"]
+                base += [f"--input={x}" for x in DEMO["inputs"]]
+            ids = submit(cfg, base, opts)
+            print(json.dumps(ids))
+            return 0
+        manifest = run(cfg, progress=args.progress, stage=args.stage, task_index=args.task_index)
     except (ConfigError, InputError, TokenizerError, SynthesisError, IndexedFormatError) as e:
         log.error("%s", e)
         return 2
+    if manifest is None:
+        return 0
     if cfg.verify:
         from .pipeline import verify_outputs
 
