@@ -1,12 +1,14 @@
 """Install with ``pip install torch==2.13.0 && pip install -e ".[dev]"`` (see README.md)."""
 
+from pathlib import Path
+
 from setuptools import setup
 
 setup(
     name="nextlong-neox",
     version="0.1.0",
     description="NExtLong long-context data synthesis and loss-weighted training for GPT-NeoX / Megatron",
-    long_description=open("README.md", encoding="utf-8").read(),
+    long_description=Path(__file__).with_name("README.md").read_text(encoding="utf-8"),
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",

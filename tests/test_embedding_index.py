@@ -61,7 +61,8 @@ def test_sentence_transformers_tiny_model_by_path(tmp_path):
     pytest.importorskip("sentence_transformers")
     from nextlong.embedding import make_embedder
     from sentence_transformers import SentenceTransformer, models
-    from tokenizers import Tokenizer, models as tmodels, normalizers, pre_tokenizers, trainers
+    from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
+    from tokenizers import models as tmodels
     from transformers import BertConfig, BertModel, PreTrainedTokenizerFast
 
     tok = Tokenizer(tmodels.WordPiece(unk_token="[UNK]"))
