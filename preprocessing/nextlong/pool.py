@@ -238,10 +238,22 @@ def gather(work: Path, shards: list[Shard], corpus_names: list[str], progress=No
         return {"documents": 0, "chunks": 0, "tokens": 0}
     dim_dtype = np.load(shard_dir(work, shards[0]) / "embeddings.npy", mmap_mode="r")
     dim, edtype = dim_dtype.shape[1], dim_dtype.dtype
-    mm = {
-        "tokens": np.lib.format.open_memmap(_tmp(work / "tokens.npy", ".npy"), "w+", np.int32, (n_tokens,)),
-        "embeddings": np.lib.format.open_memmap(_tmp(work / "embeddings.npy", ".npy"), "w+", edtype, (n_chunks, dim)),
-    }
+    single = len(shards) == 1
+    mm: dict = {}
+    if single:
+        # one shard: hard links instead of copies (falls back to copying across filesystems)
+        for name in ("tokens", "embeddings"):
+            try:
+                _tmp(work / f"{name}.npy", ".npy").unlink(missing_ok=True)
+                os.link(shard_dir(work, shards[0]) / f"{name}.npy", _tmp(work / f"{name}.npy", ".npy"))
+            except OSError:
+                single = False
+    if not single:
+        mm = {
+            "tokens": np.lib.format.open_memmap(_tmp(work / "tokens.npy", ".npy"), "w+", np.int32, (n_tokens,)),
+            "embeddings": np.lib.format.open_memmap(_tmp(work / "embeddings.npy", ".npy"), "w+", edtype,
+                                                    (n_chunks, dim)),
+        }
     offsets = np.zeros(n_chunks + 1, dtype=np.int64)
     chunk_doc = np.zeros(n_chunks, dtype=np.int64)
     chunk_hash = np.zeros(n_chunks, dtype=np.int64)
@@ -261,8 +273,9 @@ def gather(work: Path, shards: list[Shard], corpus_names: list[str], progress=No
             ct = pq.read_table(d / "chunks.parquet")
             dt = pq.read_table(d / "docs.parquet")
             local_off = np.load(d / "token_offsets.npy")
-            mm["tokens"][t0 : t0 + nt] = np.load(d / "tokens.npy", mmap_mode="r")
-            mm["embeddings"][c0 : c0 + nc] = np.load(d / "embeddings.npy", mmap_mode="r")
+            if mm:
+                mm["tokens"][t0 : t0 + nt] = np.load(d / "tokens.npy", mmap_mode="r")
+                mm["embeddings"][c0 : c0 + nc] = np.load(d / "embeddings.npy", mmap_mode="r")
             offsets[c0 + 1 : c0 + nc + 1] = local_off[1:] + t0
             doc_local = ct.column("doc_local").to_numpy()
             chunk_doc[c0 : c0 + nc] = doc_local + d0
@@ -292,11 +305,11 @@ def gather(work: Path, shards: list[Shard], corpus_names: list[str], progress=No
     if bar is not None:
         bar.close()
     writer.close()
-    for name, arr in mm.items():
+    for arr in mm.values():
         arr.flush()
-        del arr
-        os.replace(_tmp(work / f"{name}.npy", ".npy"), work / f"{name}.npy")
     mm.clear()
+    for name in ("tokens", "embeddings"):
+        os.replace(_tmp(work / f"{name}.npy", ".npy"), work / f"{name}.npy")
     atomic_npy(work / "token_offsets.npy", offsets)
     atomic_npy(work / "chunk_doc.npy", chunk_doc)
     atomic_npy(work / "chunk_hash.npy", chunk_hash)
