@@ -1,0 +1,164 @@
+"""The dry-run cost model: arithmetic pinned on a hand-computed case, index-memory formulas, factory parsing,
+and a measured run on a tiny corpus checked against the real pipeline's output sizes."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+from nextlong.chunking import chunk_spans
+from nextlong.config import SynthesisConfig
+from nextlong.estimate import (
+    estimate,
+    estimate_from_sample,
+    format_estimate,
+    index_memory,
+    parse_factory,
+)
+
+# 10 documents, 40 chunks of 400 chars and 100 tokens each; 50,000-token vocabulary (uint16)
+SAMPLE = {"documents": 10, "document_chars": 20000, "chunks": 40, "chunk_chars": 16000, "tokens": 4000,
+          "tokens_per_chunk_p50": 100.0, "tokens_per_chunk_p95": 150.0, "tokens_per_chunk_max": 200,
+          "vocab_size": 50000, "special_tokens": 2, "separator_tokens": 1, "rejected": 0}
+
+
+def _cfg(**kw) -> SynthesisConfig:
+    base = dict(inputs=["unused.jsonl"], output_prefix="unused/out", tokenizer="unused", target_length=1024,
+                index_factory="IVF1024,PQ32", nprobe=16, candidates=512, emit_labels=True)
+    base.update(kw)
+    return SynthesisConfig(**base)
+
+
+def test_hand_computed_case():
+    est = estimate_from_sample(_cfg(), SAMPLE, documents=1000, samples=100, search_on="cpu", cpu_gflops=100.0)
+    corpus = est["corpus"]
+    assert corpus["documents"]["value"] == 1000
+    assert corpus["chunks"]["value"] == 4000  # 1000 documents * 4 chunks per document
+    assert corpus["pool_tokens"]["value"] == pytest.approx(400_000)  # 4000 chunks * 100 tokens
+    assert corpus["pool_chars"]["value"] == pytest.approx(1_600_000)
+    syn = est["synthesis"]
+    assert syn["queries"]["value"] == pytest.approx(400)  # 100 samples * 4 meta-chunks
+    assert syn["k_per_query"]["value"] == 516
+    assert syn["chunks_per_sample"]["value"] == pytest.approx((1024 - 2) / 101)
+    # hashing embedder, dim 256, float16
+    assert est["embedding"]["storage"]["value"] == 4000 * 256 * 2
+    # IVF1024,PQ32: codes + ids + centroids + codebooks
+    assert est["index"]["memory"]["value"] == 4000 * (32 + 8) + 1024 * 256 * 4 + 256 * 256 * 4
+    per_q = 1024 * 256 * 2 + 4000 * 16 / 1024 * 32 * 2 + 16 * 256 * 256 * 2
+    assert est["search"]["flops_per_query"]["value"] == pytest.approx(per_q)
+    assert est["search"]["seconds"]["value"] == pytest.approx(per_q * 400 / 100e9)
+    out = est["output"]
+    assert out["token_bytes"]["value"] == 2
+    assert out["datasets"]["value"] == 100 * 1024 * (2 + 1 + 4)  # uint16 tokens, uint8 mask, int32 labels
+    assert out["idx"]["value"] == 3 * (34 + 12 * 100 + 8 * 101)
+    rows = 100 * (2 + 2 * (1022 / 101) - 1)
+    assert out["span_rows"]["value"] == pytest.approx(rows)
+    assert out["total"]["value"] == pytest.approx(100 * 1024 * 7 + 3 * 2042 + rows * 10)
+    # every figure says how it was computed
+    for section in ("corpus", "synthesis", "index", "search", "output", "work_dir"):
+        for fig in est[section].values():
+            if isinstance(fig, dict) and "value" in fig:
+                assert fig["formula"]
+    assert any("index-train-size" in w for w in est["warnings"]) is False  # 262144 >= 39 * 1024
+
+
+def test_gpu_embedding_arithmetic():
+    cfg = _cfg(embedder="/models/some-embedder", index_factory="Flat")
+    est = estimate_from_sample(cfg, SAMPLE, chunks=4000, samples=10, gpus=8, gpu="H100", mfu=0.5,
+                               gpu_tflops=1000.0, embedder_params=500_000_000, embedder_dim=1024,
+                               embedder_embedding_params=100_000_000)
+    emb = est["embedding"]
+    assert emb["flops_per_chunk"]["value"] == pytest.approx(2 * 500e6 * 100)
+    assert emb["total_flops"]["value"] == pytest.approx(4e14)
+    assert emb["gpu_hours"]["value"] == pytest.approx(4e14 / 5e14 / 3600)
+    assert emb["wall_hours"]["value"] == pytest.approx(4e14 / 5e14 / 3600 / 8)
+    assert emb["gpu_hours_non_embedding"]["value"] == pytest.approx(4e14 / 5e14 / 3600 * 0.8)
+    assert "ESTIMATE" in emb["gpu_hours"]["note"]
+    assert est["corpus"]["documents"]["value"] == 1000  # 4000 chunks / 4 chunks per document
+    assert est["index"]["memory"]["value"] == 4000 * 1024 * 4
+    # brute force: n * d * 2 per query, 40 queries, on 8 GPUs at half the fp32 peak
+    assert est["search"]["flops_per_query"]["value"] == 4000 * 1024 * 2
+    assert est["search"]["seconds"]["value"] == pytest.approx(40 * 4000 * 1024 * 2 / (8 * 67e12 * 0.5))
+    text = format_estimate(est)
+    assert "ESTIMATE" in text and "2 * params * tokens per chunk" in text
+    # attention term when the shape is known: 4 * layers * t^2 * hidden
+    est2 = estimate_from_sample(cfg, SAMPLE, chunks=4000, gpu_tflops=1000.0, embedder_params=500_000_000,
+                                embedder_dim=1024, embedder_layers=24, embedder_hidden=1024)
+    assert est2["embedding"]["flops_per_chunk"]["value"] == pytest.approx(1e11 + 4 * 24 * 100**2 * 1024)
+
+
+def test_sizes_default_to_samples_and_max_samples():
+    est = estimate_from_sample(_cfg(max_samples=7), SAMPLE, input_records=50, cpu_gflops=1.0)
+    assert est["corpus"]["documents"]["value"] == 50
+    assert est["corpus"]["documents"]["formula"].startswith("counted")
+    assert est["synthesis"]["samples"]["value"] == 7
+    est = estimate_from_sample(_cfg(), SAMPLE, documents=123, cpu_gflops=1.0)
+    assert est["synthesis"]["samples"]["value"] == 123  # one per meta-document
+
+
+def test_index_memory_formulas():
+    n, d = 1000, 128
+    assert index_memory("Flat", n, d)["value"] == n * d * 4
+    assert index_memory("IVF100,Flat", n, d)["value"] == n * (d * 4 + 8) + 100 * d * 4
+    paper = index_memory("IVF65536,PQ64", 644_000_000, 1024)
+    assert paper["value"] == 644_000_000 * (64 + 8) + 65536 * 1024 * 4 + 256 * 1024 * 4
+    assert index_memory("IVF256,PQ16x4fs", n, d)["value"] == n * (8 + 8) + 256 * d * 4 + 16 * d * 4
+    assert index_memory("IVF64,SQ8", n, d)["value"] == n * (d + 8) + 64 * d * 4
+    assert index_memory("OPQ16_64,IVF64,PQ16", n, d)["value"] == n * (16 + 8) + 64 * 64 * 4 + 256 * 64 * 4 + d * 64 * 4
+    assert index_memory("PQ16", n, d)["value"] == n * 16 + 256 * d * 4
+    hnsw = index_memory("HNSW32", n, d)
+    assert hnsw["value"] == pytest.approx(n * d * 4 + n * 64 * 4 * 1.05 + n * 8) and "approximate" in hnsw["note"]
+    unknown = index_memory("LSH", n, d)
+    assert unknown["value"] is None and unknown["formula"] == "unknown"
+
+
+@pytest.mark.parametrize("factory,kind,nlist", [
+    ("Flat", "flat", None), ("IVF4096,Flat", "ivf", 4096), (" IVF65536 , PQ64 ", "ivf", 65536),
+    ("IVF1024_HNSW32,PQ32", "ivf", 1024), ("HNSW32,Flat", "hnsw", None), ("IVF4096,Flat,RFlat", "ivf", 4096),
+    ("IVF12,Foo", "unknown", None), ("", "unknown", None), ("IVFx,Flat", "unknown", None),
+])
+def test_parse_factory(factory, kind, nlist):
+    p = parse_factory(factory)
+    assert p["kind"] == kind and p["nlist"] == nlist
+
+
+def test_warns_on_small_ivf_training_sample():
+    est = estimate_from_sample(_cfg(index_factory="IVF65536,PQ64"), SAMPLE, chunks=10_000_000, cpu_gflops=1.0)
+    assert any("--index-train-size" in w for w in est["warnings"])
+
+
+def test_tiny_corpus_measured_and_matches_pipeline(tmp_path, docs_corpus, small_tokenizer_json):
+    """Measured on a real (tiny) corpus: counts equal a direct chunking; the output size formula equals the
+    bytes the pipeline writes."""
+    from nextlong.pipeline import run
+    from nextlong.tokenization import load_tokenizer
+
+    docs = [json.loads(line) for line in docs_corpus.read_text(encoding="utf-8").splitlines()][:40]
+    corpus = tmp_path / "tiny.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs) + "{broken\n", encoding="utf-8")
+    cfg = SynthesisConfig(inputs=[str(corpus)], output_prefix=str(tmp_path / "out" / "tiny"),
+                          tokenizer=str(small_tokenizer_json), target_length=1024, granularity=512, max_samples=3,
+                          index_factory="Flat", verify=False)
+    est = estimate(cfg, sample_docs=1000, gpus=0, cpu_gflops=10.0)
+    texts = [d["text"][a:b] for d in docs for a, b in chunk_spans(d["text"], 512)]
+    tok = load_tokenizer(str(small_tokenizer_json))
+    n_tokens = sum(len(e) for e in tok.encode_batch(texts))
+    assert est["measured"]["documents"] == 40
+    assert est["measured"]["chunks"] == len(texts)
+    assert est["measured"]["tokens"] == n_tokens
+    assert est["corpus"]["documents"]["value"] == 41  # records counted in the input, the malformed line too
+    assert est["corpus"]["chunks"]["value"] == round(41 * len(texts) / 40)
+    assert est["embedding"]["cpu_hours"]["value"] > 0
+    assert est["synthesis"]["samples"]["value"] == 3
+    text = format_estimate(est)
+    assert "n * d * 2" in text and "assumptions:" in text
+
+    manifest = run(cfg, progress=False)
+    prefix = Path(cfg.output_prefix)
+    written = sum(Path(f"{prefix}_{n}_document.{e}").stat().st_size for n in ("text", "lossweight")
+                  for e in ("bin", "idx"))
+    assert manifest["counts"]["samples_out"] == 3
+    assert written == est["output"]["datasets"]["value"] + est["output"]["idx"]["value"]
+    assert math.isclose(manifest["counts"]["chunks"], len(texts))
