@@ -131,7 +131,7 @@ class _FusedWeightedCrossEntropy(torch.autograd.Function):
                 x = x.clone()
             t = target[s:e]
             w = weights[s:e]
-            logits_max = x.max(dim=-1)[0]
+            logits_max = x.amax(dim=-1)
             _all_reduce(logits_max, "MAX", group)
             x.sub_(logits_max.unsqueeze(-1))
             target_mask = (t < vocab_start_index) | (t >= vocab_end_index)
