@@ -164,6 +164,7 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
     if cfg.emit_labels:
         writers["label"] = IndexedDatasetWriter(paths["label"], np.int32)
     rows: list[tuple] = []  # (sample, span, start, length, role, meta_index, chunk_id, rank, similarity, truncated)
+    spans_out = _SpanWriter(paths["spans"], pool)  # one row group per block: memory bounded by a block
     dropped: Counter[str] = Counter()
     filt: Counter[str] = Counter()
     overfill: list[int] = []
@@ -213,14 +214,17 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
                     writers["label"].add_document(np.where(sample.mask == 1, sample.tokens, -100).astype(np.int32))
                 rows.extend((produced, s_i, *span) for s_i, span in enumerate(sample.spans))
                 produced += 1
+            spans_out.write(rows)
+            rows = []
             if progress is not None:
                 progress(len(block))
-        n_negative = _write_spans(paths["spans"], rows, pool)
+        n_negative = spans_out.close()
         for w in writers.values():
             w.finalize()
     except BaseException:
         for w in writers.values():
             w.abort()
+        spans_out.abort()
         raise
     stats = {
         "part": part, "slot_start": slot_start, "slots": len(slots), "slots_processed": slots_done,
@@ -235,10 +239,40 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
     return stats
 
 
-def _write_spans(path: Path, rows: list[tuple], pool) -> int:
-    """Write a part's spans (columns of docs/format.md); returns the number of negative spans."""
+class _SpanWriter:
+    """Streams a part's spans (columns of docs/format.md) into Parquet under a temporary name."""
+
+    def __init__(self, path: Path, pool) -> None:
+        self.path, self.pool = path, pool
+        self.tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        self.writer = None
+        self.n_negative = 0
+
+    def write(self, rows: list[tuple]) -> None:
+        import pyarrow.parquet as pq
+
+        table = _spans_table(rows, self.pool)
+        if self.writer is None:
+            self.writer = pq.ParquetWriter(self.tmp, table.schema, compression="zstd")
+        if len(rows):
+            self.writer.write_table(table)
+        self.n_negative += sum(1 for r in rows if r[4] == ROLE_NEG)
+
+    def close(self) -> int:
+        if self.writer is None:
+            self.write([])
+        self.writer.close()
+        os.replace(self.tmp, self.path)
+        return self.n_negative
+
+    def abort(self) -> None:
+        if self.writer is not None:
+            self.writer.close()
+        self.tmp.unlink(missing_ok=True)
+
+
+def _spans_table(rows: list[tuple], pool):
     import pyarrow as pa
-    import pyarrow.parquet as pq
 
     cols = list(zip(*rows, strict=True)) if rows else [()] * 10
     sample, span, start, length, role, meta_index, chunk_id, rank, sim, trunc = cols
@@ -250,13 +284,12 @@ def _write_spans(path: Path, rows: list[tuple], pool) -> int:
     doc_col[~has] = ""
     corpora = np.asarray([*pool.corpora, ""], dtype=object)
     corpus_col = corpora[np.where(has, pool.doc_corpus_code[docs] if len(cid) else cid, len(pool.corpora))]
-    role_arr = np.asarray(role, dtype=object)
-    table = pa.table({
+    return pa.table({
         "sample": pa.array(np.asarray(sample, dtype=np.int64)),
         "span": pa.array(np.asarray(span, dtype=np.int32)),
         "start": pa.array(np.asarray(start, dtype=np.int64)),
         "length": pa.array(np.asarray(length, dtype=np.int32)),
-        "role": pa.array(role_arr, pa.string()),
+        "role": pa.array(np.asarray(role, dtype=object), pa.string()),
         "meta_index": pa.array(np.asarray(meta_index, dtype=np.int32)),
         "corpus": pa.array(corpus_col, pa.string()),
         "doc_id": pa.array(doc_col, pa.string()),
@@ -265,10 +298,6 @@ def _write_spans(path: Path, rows: list[tuple], pool) -> int:
         "similarity": pa.array(np.asarray(sim, dtype=np.float32)),
         "truncated": pa.array(np.asarray(trunc, dtype=bool)),
     })
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    pq.write_table(table, tmp, compression="zstd")
-    os.replace(tmp, path)
-    return int(np.sum(role_arr == ROLE_NEG))
 
 
 def merge_parts(work: Path, n_parts: int, out_prefix: str, emit_labels: bool, max_samples: int | None) -> dict:
@@ -313,20 +342,30 @@ def merge_parts(work: Path, n_parts: int, out_prefix: str, emit_labels: bool, ma
             np.cumsum(lengths_arr[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
         write_index(Path(f"{final}.idx"), dtype, lengths_arr, pointers, np.arange(total + 1, dtype=np.int64),
                     before_rename=lambda tb=tmp_bin, bp=bin_path: os.replace(tb, bp))
-    tables = []
-    offset = 0
-    for p, n in zip(parts, takes, strict=True):
-        t = pq.read_table(p["spans"])
-        t = t.filter(pc.less(t.column("sample"), n))
-        t = t.set_column(0, "sample", pc.add(t.column("sample"), pa.scalar(offset, pa.int64())))
-        tables.append(t)
-        offset += n
-    spans = pa.concat_tables(tables) if tables else None
     spans_path = Path(f"{out_prefix}_spans.parquet")
     tmp = spans_path.with_name(f".{spans_path.name}.tmp-{os.getpid()}")
-    if spans is not None:
-        pq.write_table(spans, tmp, compression="zstd")
-        os.replace(tmp, spans_path)
+    tmp.unlink(missing_ok=True)
+    if len(parts) == 1 and takes[0] == len(readers[0]["text"]):
+        try:
+            os.link(parts[0]["spans"], tmp)
+        except OSError:
+            shutil.copyfile(parts[0]["spans"], tmp)
+    else:
+        writer = None
+        offset = 0
+        for p, n in zip(parts, takes, strict=True):
+            pf = pq.ParquetFile(p["spans"])
+            for g in range(pf.num_row_groups):  # streamed: one row group in memory at a time
+                t = pf.read_row_group(g)
+                t = t.filter(pc.less(t.column("sample"), n))
+                t = t.set_column(0, "sample", pc.add(t.column("sample"), pa.scalar(offset, pa.int64())))
+                if writer is None:
+                    writer = pq.ParquetWriter(tmp, t.schema, compression="zstd")
+                if t.num_rows:
+                    writer.write_table(t)
+            offset += n
+        writer.close()
+    os.replace(tmp, spans_path)
     tokens = sum(int(np.sum(r["text"].lengths[:n], dtype=np.int64)) for r, n in zip(readers, takes, strict=True))
     return {"samples": total, "tokens": tokens}
 
