@@ -221,3 +221,25 @@ def test_all_ones_equals_stock_neox(workdir: dict, capsys) -> None:
     assert stock["train"][1] == pytest.approx(ones["train"][1], rel=2e-6)
     for step in (2, 3, 4):
         assert stock["train"][step] == pytest.approx(ones["train"][step], rel=1e-4)
+
+
+def test_bad_valid_mask_refused_before_step_one(workdir: dict) -> None:
+    """A mask error in the validation split stops the run at start-up (not at the first evaluation)."""
+    from nextlong.indexed import IndexedDatasetWriter, read_indexed
+
+    good = read_indexed(workdir["mask"])
+    bad = str(workdir["root"] / "bad" / "nl_lossweight_document")
+    with IndexedDatasetWriter(bad, np.uint8) as w:
+        for i in range(len(good)):
+            m = np.array(good[i])
+            if i == 3:
+                m[5] = 2
+            w.add_document(m)
+    cfg = _variant(workdir, "badmask", nextlong_valid_lossweight_paths=[bad])
+    paths = _paths_yml(workdir, "badmask_run")
+    proc = subprocess.run([NEOX_PYTHON, "deepy.py", "train.py", str(cfg), str(paths)], cwd=NEOX_DIR,
+                          env=_neox_env(None), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    log = proc.stdout + proc.stderr
+    assert proc.returncode != 0
+    assert "[valid] mask value 2 at token" in log and bad in log and workdir["text"] in log
+    assert not LOSS_RE.search(log), "no training step may run"
