@@ -23,7 +23,11 @@ from dataclasses import dataclass, field
 import numpy as np
 
 ROLE_BOS, ROLE_META, ROLE_NEG, ROLE_SEP, ROLE_EOS = "bos", "meta", "negative", "separator", "eos"
+ROLES = (ROLE_BOS, ROLE_META, ROLE_NEG, ROLE_SEP, ROLE_EOS)  #: role codes in :class:`Sample` spans
+ROLE_CODE = {r: i for i, r in enumerate(ROLES)}
 MASK_OF_ROLE = {ROLE_BOS: 1, ROLE_META: 1, ROLE_NEG: 0, ROLE_SEP: 1, ROLE_EOS: 1}
+_MASK_OF_CODE = np.array([MASK_OF_ROLE[r] for r in ROLES], dtype=np.uint8)
+_IS_CHUNK_CODE = np.array([r in (ROLE_META, ROLE_NEG) for r in ROLES])
 
 
 class Dropped(Exception):  # noqa: N818 - a control-flow signal, not an error
@@ -41,14 +45,15 @@ class Item:
     meta_index: int
     rank: int = -1
     sim: float = float("nan")
+    length: int = 0  # tokens of the chunk
     keep: int | None = None  # tokens kept when truncated
 
 
 @dataclass
 class Sample:
-    tokens: np.ndarray
-    mask: np.ndarray
-    spans: list[tuple]  # (start, length, role, meta_index, chunk_id, rank, sim, truncated)
+    tokens: np.ndarray  # int32 [target]
+    mask: np.ndarray  # uint8 [target]
+    spans: dict[str, np.ndarray]  # start, length, role (code into ROLES), meta_index, chunk_id, rank, sim, truncated
     stats: dict = field(default_factory=dict)
 
 
@@ -60,50 +65,57 @@ class Specials:
 
 
 def layout(pool, groups: list[list[Item]], specials: Specials, target: int) -> Sample:
-    """Flatten extended chunks into tokens, mask and spans; checks the exact length."""
-    tok_parts: list[np.ndarray] = []
-    spans: list[tuple] = []
-    pos = 0
-
-    def put(arr: np.ndarray, role: str, meta_index: int, chunk_id: int = -1, rank: int = -1,
-            sim: float = float("nan"), truncated: bool = False) -> None:
-        nonlocal pos
-        if len(arr) == 0:
-            return
-        tok_parts.append(arr)
-        spans.append((pos, len(arr), role, meta_index, chunk_id, rank, sim, truncated))
-        pos += len(arr)
-
-    put(specials.bos, ROLE_BOS, -1)
+    """Flatten extended chunks into tokens, mask and spans (vectorized gather); checks the exact length."""
+    nb, ne, ns = len(specials.bos), len(specials.eos), len(specials.sep)
+    special_src = np.concatenate([specials.bos, specials.eos, specials.sep]).astype(np.int32)
+    offsets = pool.offsets
+    c_bos, c_sep, c_eos = ROLE_CODE[ROLE_BOS], ROLE_CODE[ROLE_SEP], ROLE_CODE[ROLE_EOS]
+    nan = float("nan")
+    sep_row = (c_sep, nb + ne, ns, -1, -1, -1, nan, False)
+    # one row per span: (role code, source index, tokens, meta_index, chunk_id, rank, similarity, truncated)
+    rows: list[tuple] = [(c_bos, 0, nb, -1, -1, -1, nan, False)] if nb else []
+    add = rows.append
     first = True
-    sep = specials.sep
     for group in groups:
         for it in group:
-            toks = pool.chunk_tokens(it.chunk_id)
+            start = int(offsets[it.chunk_id])
             if it.keep is not None:
                 # a cut item occupies ``keep`` tokens counted as if a separator preceded it
                 n = it.keep
                 if first:
-                    n -= len(sep)  # no separator before the first item: the next one carries it
+                    n -= ns  # no separator before the first item: the next one carries it
                     if n < 1:
                         raise Dropped("cannot_fit_exactly")
-                elif n > len(sep):
-                    put(sep, ROLE_SEP, it.meta_index)
-                    n -= len(sep)
-                put(np.asarray(toks[:n]), it.role, it.meta_index, it.chunk_id, it.rank, it.sim, n < len(toks))
+                elif n > ns:
+                    if ns:
+                        add((c_sep, nb + ne, ns, it.meta_index, -1, -1, nan, False))
+                    n -= ns
+                add((ROLE_CODE[it.role], start, n, it.meta_index, it.chunk_id, it.rank, it.sim, n < it.length))
             else:
-                if not first:
-                    put(sep, ROLE_SEP, it.meta_index)
-                put(np.asarray(toks), it.role, it.meta_index, it.chunk_id, it.rank, it.sim)
+                if not first and ns:
+                    add(sep_row[:3] + (it.meta_index,) + sep_row[4:])
+                add((ROLE_CODE[it.role], start, it.length, it.meta_index, it.chunk_id, it.rank, it.sim, False))
             first = False
-    put(specials.eos, ROLE_EOS, -1)
-    tokens = np.concatenate(tok_parts).astype(np.int32, copy=False)
-    if len(tokens) != target:
-        raise AssertionError(f"assembled {len(tokens)} tokens, expected {target}")  # a bug, never data
-    mask = np.ones(target, dtype=np.uint8)
-    for start, length, role, *_ in spans:
-        if role == ROLE_NEG:
-            mask[start : start + length] = 0
+    if ne:
+        add((c_eos, nb, ne, -1, -1, -1, nan, False))
+    roles, src, lens, metas, cids, ranks, sims, truncs = zip(*rows, strict=True)
+    length = np.asarray(lens, dtype=np.int64)
+    total = int(length.sum())
+    if total != target:
+        raise AssertionError(f"assembled {total} tokens, expected {target}")  # a bug, never data
+    starts = np.zeros(len(length), dtype=np.int64)
+    np.cumsum(length[:-1], out=starts[1:])
+    role = np.asarray(roles, dtype=np.int8)
+    # position p of span j reads source index src[j] + (p - starts[j]): one ragged gather per sample
+    pos_src = np.repeat(np.asarray(src, dtype=np.int64) - starts, length) + np.arange(total, dtype=np.int64)
+    from_chunk = np.repeat(_IS_CHUNK_CODE[role], length)
+    tokens = np.empty(total, dtype=np.int32)
+    tokens[from_chunk] = pool.tokens[pos_src[from_chunk]]
+    tokens[~from_chunk] = special_src[pos_src[~from_chunk]]
+    mask = np.repeat(_MASK_OF_CODE[role], length)
+    spans = {"start": starts, "length": length, "role": role, "meta_index": np.asarray(metas, dtype=np.int32),
+             "chunk_id": np.asarray(cids, dtype=np.int64), "rank": np.asarray(ranks, dtype=np.int32),
+             "similarity": np.asarray(sims, dtype=np.float32), "truncated": np.asarray(truncs, dtype=bool)}
     return Sample(tokens, mask, spans)
 
 
@@ -117,38 +129,50 @@ def _order(meta: Item, negs: list[Item], order: str, rng: np.random.Generator) -
 
 
 def _candidate_stream(pool, cand, meta_chunk: int, selection: str, rng: np.random.Generator, meta_index: int):
-    """Yields negatives of one meta-chunk in the order the selection strategy takes them."""
+    """Yields (negative, text hash, source document) for one meta-chunk, in the order the selection takes them."""
+    offsets = pool.offsets
     if selection == "self-repeat":
+        n = int(offsets[meta_chunk + 1] - offsets[meta_chunk])
+        h, d = int(pool.chunk_hash[meta_chunk]), int(pool.chunk_doc[meta_chunk])
         while True:
-            yield Item(ROLE_NEG, meta_chunk, meta_index, -1, 1.0)
+            yield Item(ROLE_NEG, meta_chunk, meta_index, -1, 1.0, n), h, d
     if selection == "random-doc":
-        n = pool.n_chunks
+        n_chunks = pool.n_chunks
         q = np.asarray(pool.embeddings[meta_chunk], dtype=np.float32)
         while True:
-            cid = int(rng.integers(0, n))
-            yield Item(ROLE_NEG, cid, meta_index, -1, float(np.asarray(pool.embeddings[cid], np.float32) @ q))
-    idx = np.arange(len(cand.ids))
+            cid = int(rng.integers(0, n_chunks))
+            sim = float(np.asarray(pool.embeddings[cid], np.float32) @ q)
+            yield (Item(ROLE_NEG, cid, meta_index, -1, sim, int(offsets[cid + 1] - offsets[cid])),
+                   int(pool.chunk_hash[cid]), int(pool.chunk_doc[cid]))
+    ids = cand.ids
+    order = np.arange(len(ids))
     if selection == "tailk":
-        idx = idx[::-1]
+        order = order[::-1]
     elif selection == "random-retrieved":
-        idx = rng.permutation(len(cand.ids))
-    for j in idx:
-        yield Item(ROLE_NEG, int(cand.ids[j]), meta_index, int(cand.ranks[j]), float(cand.sims[j]))
+        order = rng.permutation(len(ids))
+    ids = ids[order]
+    lens = (offsets[ids + 1] - offsets[ids]).tolist()
+    hashes = pool.chunk_hash[ids].tolist()
+    docs = pool.chunk_doc[ids].tolist()
+    ranks = cand.ranks[order].tolist()
+    sims = cand.sims[order].tolist()
+    for j, cid in enumerate(ids.tolist()):
+        yield Item(ROLE_NEG, cid, meta_index, ranks[j], sims[j], lens[j]), hashes[j], docs[j]
 
 
 class _Used:
+    """Chunks (by id and by text hash) already in the sample."""
+
     def __init__(self, pool, chunk_ids) -> None:
-        self.pool = pool
-        self.ids = set(int(c) for c in chunk_ids)
-        self.hashes = set(int(pool.chunk_hash[c]) for c in chunk_ids)
+        self.ids = {int(c) for c in chunk_ids}
+        self.hashes = {int(pool.chunk_hash[c]) for c in chunk_ids}
 
-    def ok(self, cid: int, doc: int) -> bool:
-        return (cid not in self.ids and int(self.pool.chunk_hash[cid]) not in self.hashes
-                and int(self.pool.chunk_doc[cid]) != doc)
+    def ok(self, cid: int, h: int, d: int, doc: int) -> bool:
+        return cid not in self.ids and h not in self.hashes and d != doc
 
-    def add(self, cid: int) -> None:
+    def add(self, cid: int, h: int) -> None:
         self.ids.add(cid)
-        self.hashes.add(int(self.pool.chunk_hash[cid]))
+        self.hashes.add(h)
 
 
 def build_nextlong(pool, cfg, specials: Specials, doc: int, cands: list, rng: np.random.Generator,
@@ -176,16 +200,16 @@ def build_nextlong(pool, cfg, specials: Specials, doc: int, cands: list, rng: np
         goal = R if i == p - 1 else (R * (i + 1)) // p
         tries = 0
         stopped = False
-        for it in _candidate_stream(pool, cands[i] if cands else None, m, cfg.negative_selection, rng, i):
+        for it, h, d in _candidate_stream(pool, cands[i] if cands else None, m, cfg.negative_selection, rng, i):
             if (cfg.budget == "paper" and len(groups_negs[i]) >= k) or (cfg.budget == "exact" and cum >= goal):
                 stopped = True
                 break
             tries += 1
             if tries > max_tries and cfg.negative_selection in ("random-doc", "self-repeat"):
                 break
-            if not self_repeat and not used.ok(it.chunk_id, doc):
+            if not self_repeat and not used.ok(it.chunk_id, h, d, doc):
                 continue
-            cost = pool.chunk_len(it.chunk_id) + sep
+            cost = it.length + sep
             if cfg.budget == "exact":
                 if i < p - 1 and cum + cost > goal:
                     stopped = True
@@ -194,7 +218,7 @@ def build_nextlong(pool, cfg, specials: Specials, doc: int, cands: list, rng: np
                     it.keep = R - cum  # the one cut in the whole sample
             groups_negs[i].append(it)
             if not self_repeat:
-                used.add(it.chunk_id)
+                used.add(it.chunk_id, h)
             cum += cost if it.keep is None else it.keep
         exhausted |= not stopped
     if exhausted and cands and any(c.truncated for c in cands):
@@ -207,7 +231,8 @@ def build_nextlong(pool, cfg, specials: Specials, doc: int, cands: list, rng: np
         stats["overfill_tokens"] = total - T
     elif cum < R:
         raise Dropped("insufficient_negatives")
-    groups = [_order(Item(ROLE_META, m, i), groups_negs[i], cfg.negative_order, rng) for i, m in enumerate(metas)]
+    groups = [_order(Item(ROLE_META, m, i, length=pool.chunk_len(m)), groups_negs[i], cfg.negative_order, rng)
+              for i, m in enumerate(metas)]
     if cfg.budget == "paper":
         groups = _cut_layout(pool, groups, T - len(specials.bos) - len(specials.eos), sep)
     sample = layout(pool, groups, specials, T)
@@ -223,7 +248,7 @@ def _cut_layout(pool, groups: list[list[Item]], body: int, sep: int) -> list[lis
     for group in groups:
         kept: list[Item] = []
         for it in group:
-            cost = pool.chunk_len(it.chunk_id) + (0 if first else sep)
+            cost = it.length + (0 if first else sep)
             if cum + cost <= body:
                 kept.append(it)
                 cum += cost
@@ -253,9 +278,10 @@ def build_concat(pool, cfg, specials: Specials, doc: int, neighbours, rng: np.ra
         nonlocal cum
         first_c, n = int(pool.doc_first[d]), int(pool.doc_nchunks[d])
         for c in range(first_c, first_c + n):
-            cost = pool.chunk_len(c) + sep  # the first item's separator is given back in layout()
+            n_tok = pool.chunk_len(c)
+            cost = n_tok + sep  # the first item's separator is given back in layout()
             meta_index = len(items) if role == ROLE_META else last_meta
-            it = Item(role, c, meta_index, rank, sim)
+            it = Item(role, c, meta_index, rank, sim, n_tok)
             if cum + cost >= body:
                 it.keep = body - cum
                 items.append(it)

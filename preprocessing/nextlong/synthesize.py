@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .assemble import ROLE_NEG, Dropped, Specials, build_concat, build_nextlong
+from .assemble import ROLE_CODE, ROLE_NEG, ROLES, Dropped, Specials, build_concat, build_nextlong
 from .indexed import IndexedDatasetWriter, read_indexed, token_dtype_for_vocab, write_index
 from .mining import filter_candidates, retrieve_block
 
@@ -163,7 +163,7 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
     }
     if cfg.emit_labels:
         writers["label"] = IndexedDatasetWriter(paths["label"], np.int32)
-    rows: list[tuple] = []  # (sample, span, start, length, role, meta_index, chunk_id, rank, similarity, truncated)
+    rows: list[tuple[int, dict]] = []  # (sample number, span arrays) of the current block
     spans_out = _SpanWriter(paths["spans"], pool)  # one row group per block: memory bounded by a block
     dropped: Counter[str] = Counter()
     filt: Counter[str] = Counter()
@@ -212,7 +212,7 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
                 writers["lossweight"].add_document(sample.mask)
                 if "label" in writers:
                     writers["label"].add_document(np.where(sample.mask == 1, sample.tokens, -100).astype(np.int32))
-                rows.extend((produced, s_i, *span) for s_i, span in enumerate(sample.spans))
+                rows.append((produced, sample.spans))
                 produced += 1
             spans_out.write(rows)
             rows = []
@@ -248,15 +248,15 @@ class _SpanWriter:
         self.writer = None
         self.n_negative = 0
 
-    def write(self, rows: list[tuple]) -> None:
+    def write(self, rows: list[tuple[int, dict]]) -> None:
         import pyarrow.parquet as pq
 
         table = _spans_table(rows, self.pool)
         if self.writer is None:
             self.writer = pq.ParquetWriter(self.tmp, table.schema, compression="zstd")
-        if len(rows):
+        if table.num_rows:
             self.writer.write_table(table)
-        self.n_negative += sum(1 for r in rows if r[4] == ROLE_NEG)
+        self.n_negative += int(sum(int(np.sum(s["role"] == ROLE_CODE[ROLE_NEG])) for _, s in rows))
 
     def close(self) -> int:
         if self.writer is None:
@@ -271,32 +271,39 @@ class _SpanWriter:
         self.tmp.unlink(missing_ok=True)
 
 
-def _spans_table(rows: list[tuple], pool):
+def _spans_table(rows: list[tuple[int, dict]], pool):
     import pyarrow as pa
 
-    cols = list(zip(*rows, strict=True)) if rows else [()] * 10
-    sample, span, start, length, role, meta_index, chunk_id, rank, sim, trunc = cols
-    cid = np.asarray(chunk_id, dtype=np.int64)
+    names = ("start", "length", "role", "meta_index", "chunk_id", "rank", "similarity", "truncated")
+    dtypes = (np.int64, np.int32, np.int8, np.int32, np.int64, np.int32, np.float32, bool)
+    if rows:
+        col = {n: np.concatenate([s[n] for _, s in rows]).astype(t, copy=False) for n, t in zip(names, dtypes,
+                                                                                                   strict=True)}
+        sample = np.concatenate([np.full(len(s["start"]), k, dtype=np.int64) for k, s in rows])
+        span = np.concatenate([np.arange(len(s["start"]), dtype=np.int32) for _, s in rows])
+    else:
+        col = {n: np.zeros(0, dtype=t) for n, t in zip(names, dtypes, strict=True)}
+        sample, span = np.zeros(0, np.int64), np.zeros(0, np.int32)
+    cid = col["chunk_id"]
     has = cid >= 0
-    safe = np.where(has, cid, 0)
-    docs = pool.chunk_doc[safe] if len(cid) else np.zeros(0, np.int64)
+    docs = pool.chunk_doc[np.where(has, cid, 0)] if len(cid) else np.zeros(0, np.int64)
     doc_col = np.asarray(pool.doc_ids_of(docs), dtype=object) if len(cid) else np.zeros(0, dtype=object)
     doc_col[~has] = ""
     corpora = np.asarray([*pool.corpora, ""], dtype=object)
     corpus_col = corpora[np.where(has, pool.doc_corpus_code[docs] if len(cid) else cid, len(pool.corpora))]
     return pa.table({
-        "sample": pa.array(np.asarray(sample, dtype=np.int64)),
-        "span": pa.array(np.asarray(span, dtype=np.int32)),
-        "start": pa.array(np.asarray(start, dtype=np.int64)),
-        "length": pa.array(np.asarray(length, dtype=np.int32)),
-        "role": pa.array(np.asarray(role, dtype=object), pa.string()),
-        "meta_index": pa.array(np.asarray(meta_index, dtype=np.int32)),
+        "sample": pa.array(sample),
+        "span": pa.array(span),
+        "start": pa.array(col["start"]),
+        "length": pa.array(col["length"]),
+        "role": pa.array(np.asarray(ROLES, dtype=object)[col["role"]], pa.string()),
+        "meta_index": pa.array(col["meta_index"]),
         "corpus": pa.array(corpus_col, pa.string()),
         "doc_id": pa.array(doc_col, pa.string()),
         "chunk_id": pa.array(cid),
-        "rank": pa.array(np.asarray(rank, dtype=np.int32)),
-        "similarity": pa.array(np.asarray(sim, dtype=np.float32)),
-        "truncated": pa.array(np.asarray(trunc, dtype=bool)),
+        "rank": pa.array(col["rank"]),
+        "similarity": pa.array(col["similarity"]),
+        "truncated": pa.array(col["truncated"]),
     })
 
 
