@@ -138,8 +138,10 @@ def test_bad_input_is_counted_and_tiny_corpus_is_an_error(tmp_path, docs_corpus,
 
 
 def test_baselines_and_ablations(tmp_path, docs_corpus, cl100k_json):
+    work = tmp_path / "shared.work"  # the pool stages run once; each switch redoes only the synthesis
+
     def spans(*flags, name):
-        p = run(tmp_path, docs_corpus, cl100k_json, *flags, name=name)
+        p = run(tmp_path, docs_corpus, cl100k_json, "--work-dir", str(work), *flags, name=name)
         return pq.read_table(f"{p}_spans.parquet").to_pandas()
 
     top = spans(name="topk")
