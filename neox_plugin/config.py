@@ -176,6 +176,9 @@ def config_from_args(args: Any) -> NExtLongConfig:
         loss_chunk_size=int(_get(args, "nextlong_loss_chunk_size")),
     )
     if not cfg.enabled:
+        changed = [k for k, d in KEY_DEFAULTS.items() if k != "nextlong_lossweight" and _get(args, k) != d]
+        if changed:
+            logger.warning("%s set but nextlong_lossweight is false: the loss is not weighted", ", ".join(changed))
         return cfg
     _check_neox_compat(args)
     data_path = _get(args, "data_path")
