@@ -77,6 +77,20 @@ def build_parser() -> argparse.ArgumentParser:
                     help="with --stage: do only this array task's share of the stage (0 .. --tasks - 1)")
     ru.add_argument("--executor", choices=("local", "slurm"), default="local",
                     help="local: run here; slurm: submit one job array per stage, chained with afterok")
+    dr = p.add_argument_group("cost estimate (with --dry-run; nothing is written)")
+    dr.add_argument("--dry-run", action="store_true",
+                    help="measure a sample of the inputs and print the run's estimated cost, then exit")
+    dr.add_argument("--estimate-documents", type=int, help="corpus size to estimate for, in documents "
+                    "(default: count the inputs)")
+    dr.add_argument("--estimate-chunks", type=int, help="corpus size to estimate for, in chunks")
+    dr.add_argument("--estimate-samples", type=int, help="samples to synthesize (default: --max-samples, else "
+                    "one per meta-document)")
+    dr.add_argument("--sample-docs", type=int, default=2000, help="documents read to measure the corpus")
+    dr.add_argument("--gpus", type=int, default=8, help="GPUs for embedding and search")
+    dr.add_argument("--gpu", default="H100", help="GPU type (bf16 dense peak: H100, A100, ...)")
+    dr.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilization assumed for embedding")
+    dr.add_argument("--embedder-params", type=int, help="parameters of a sentence-transformers embedder "
+                    "(e.g. 572000000 for jina-embeddings-v3)")
     sl = p.add_argument_group("slurm (with --executor slurm)")
     sl.add_argument("--partition", help="partition of every job")
     sl.add_argument("--gpu-partition", help="partition of the embed array (default: --partition)")
@@ -97,7 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 #: flags that choose where and how much of the run happens, not what it computes
 RUN_ONLY = ("demo", "verbose", "progress", "stage", "task_index", "executor", "partition", "gpu_partition",
-            "slurm_gpus", "slurm_cpus", "slurm_mem", "slurm_time", "slurm_account", "slurm_extra")
+            "slurm_gpus", "slurm_cpus", "slurm_mem", "slurm_time", "slurm_account", "slurm_extra", "dry_run",
+            "estimate_documents", "estimate_chunks", "estimate_samples", "sample_docs", "gpus", "gpu", "mfu",
+            "embedder_params")
 
 
 def strip_flags(parser: argparse.ArgumentParser, argv: list[str], dests: tuple[str, ...]) -> list[str]:
@@ -150,6 +166,14 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--task-index: {args.task_index} is not in [0, --tasks {cfg.tasks})")
         if args.task_index is not None and args.stage not in ("chunk", "embed", "synth"):
             raise ConfigError("--task-index: only the chunk, embed and synth stages are split into tasks")
+        if args.dry_run:
+            from .estimate import estimate, format_estimate
+
+            est = estimate(cfg, documents=args.estimate_documents, chunks=args.estimate_chunks,
+                           samples=args.estimate_samples, sample_docs=args.sample_docs, gpus=args.gpus, gpu=args.gpu,
+                           mfu=args.mfu, embedder_params=args.embedder_params)
+            print(format_estimate(est))
+            return 0
         if args.executor == "slurm":
             from .slurm import SlurmOptions, submit
 
