@@ -37,7 +37,10 @@ for p in (REPO, REPO / "preprocessing"):
         sys.path.insert(0, str(p))
 
 NEOX_DIR = os.environ.get("GPT_NEOX_DIR")
-pytestmark = pytest.mark.skipif(not NEOX_DIR, reason="GPT_NEOX_DIR is not set (path to a GPT-NeoX checkout)")
+pytestmark = [
+    pytest.mark.neox,
+    pytest.mark.skipif(not NEOX_DIR, reason="GPT_NEOX_DIR is not set (path to a GPT-NeoX checkout)"),
+]
 
 NEOX_PYTHON = os.environ.get("NEOX_PYTHON", sys.executable)
 SHIM_DIR = Path(os.environ.get("NEOX_CPU_SHIM_DIR", REPO.parent / "shared" / "tools" / "neox_cpu"))
