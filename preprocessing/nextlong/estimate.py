@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import math
+import os
 import re
 import time
 
@@ -304,10 +305,11 @@ def estimate_from_sample(cfg, sample: dict, *, documents: int | None = None, chu
     if "chunk_tokenize_chars_per_second" in sample:
         rate = sample["chunk_tokenize_chars_per_second"]
         h = N * chars_per_chunk / rate / 3600
-        corpus["chunk_tokenize_cpu_hours"] = _fig(
+        corpus["chunk_tokenize_hours"] = _fig(
             h, "process-hours", "pool chars / measured chars per second (read + chunk + tokenize, one process)",
-            f"measured here: {rate:,.0f} chars/s; divide by the number of tasks for wall time "
-            f"(--tasks {cfg.tasks}: {h / cfg.tasks:,.2f} h)")
+            f"measured here: {rate:,.0f} chars/s by one process whose tokenizer threads use all {os.cpu_count()} "
+            "cores; the pipeline's chunk stage also counts hashed n-grams, hashes texts and writes Parquet: "
+            "a lower bound")
 
     # --- samples and queries ---
     if samples is not None:
