@@ -246,3 +246,70 @@ def test_bad_valid_mask_refused_before_step_one(workdir: dict) -> None:
     assert proc.returncode != 0
     assert "[valid] mask value 2 at token" in log and bad in log and workdir["text"] in log
     assert not LOSS_RE.search(log), "no training step may run"
+
+
+LOCKSTEP_SCRIPT = r'''
+import json, sys
+import numpy as np
+sys.path.insert(0, sys.argv[1])  # tests/ (index-map builders of test_plugin_data)
+from test_plugin_data import packed_index, overflow_index, unpacked_index
+from megatron.data.gpt2_dataset import GPT2Dataset
+from megatron.data.indexed_dataset import make_dataset
+from neox_plugin.config import MASK_PADDING
+from neox_plugin.neox import attach_mask
+
+text_prefix, mask_prefix = sys.argv[2], sys.argv[3]
+text = make_dataset(text_prefix, "mmap", True)
+mask = make_dataset(mask_prefix, "mmap", True)
+sizes = text.sizes.astype(np.int64)
+seq = 64
+out = {}
+for mode in ("packed", "pack_until_overflow", "unpacked"):
+    rng = np.random.default_rng(11)
+    if mode == "packed":
+        maps = packed_index(sizes, seq, rng)
+    elif mode == "pack_until_overflow":
+        maps = overflow_index(sizes, seq, rng, 12)
+    else:
+        maps = unpacked_index(sizes, rng, 12)
+    ds = GPT2Dataset("train_0", text_prefix, np.arange(len(sizes), dtype=np.int32), text, None, None, seq, 1234,
+                     pack_impl=mode, build_index_mappings=False)
+    ds.doc_idx, ds.sample_idx, ds.shuffle_idx = maps
+    ds.shuffle_idx_len, ds.sample_idx_len = len(maps[2]) - 1, len(maps[1]) - 1
+    attach_mask(ds, mask)
+    bad = padded = 0
+    for i in range(len(ds)):
+        s = ds[i]
+        t, m = s["text"], s["nextlong_lossweight"]
+        real = m != MASK_PADDING
+        padded += int((~real).sum())
+        bad += int((m[real] != t[real] % 2).sum()) + int((t[~real] != 0).sum()) + int(m.dtype != np.uint8)
+    out[mode] = {"samples": len(ds), "mismatches": bad, "padded": padded}
+print(json.dumps(out))
+'''
+
+
+def test_lockstep_with_neox_gpt2dataset_all_pack_modes(tmp_path: Path, capsys) -> None:
+    """GPT-NeoX's own GPT2Dataset (patched by the hook) and reader: the mask sample is cut exactly
+    like the text sample in all three pack_impl modes (the fixture's mask is token % 2)."""
+    from nextlong.indexed import IndexedDatasetWriter
+
+    rng = np.random.default_rng(5)
+    text, mask = str(tmp_path / "ls_text_document"), str(tmp_path / "ls_lossweight_document")
+    with IndexedDatasetWriter(text, np.uint16) as wt, IndexedDatasetWriter(mask, np.uint8) as wm:
+        for n in [40, 7, 130, 1, 64, 300, 9, 55]:
+            toks = rng.integers(1, 1000, size=n)
+            wt.add_document(toks)
+            wm.add_document((toks % 2).astype(np.uint8))
+    env = _neox_env(None)
+    env["PYTHONPATH"] = os.pathsep.join([p for p in [env.get("PYTHONPATH"), NEOX_DIR] if p])
+    proc = subprocess.run([NEOX_PYTHON, "-c", LOCKSTEP_SCRIPT, str(REPO / "tests"), text, mask], env=env,
+                          capture_output=True, text=True, timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    with capsys.disabled():
+        print(f"\n[neox integration] lock-step with GPT-NeoX's GPT2Dataset: {json.dumps(out)}")
+    assert set(out) == {"packed", "pack_until_overflow", "unpacked"}
+    for mode, r in out.items():
+        assert r["samples"] > 0 and r["mismatches"] == 0, (mode, r)
+    assert out["packed"]["padded"] == 0 and out["unpacked"]["padded"] > 0
