@@ -11,6 +11,7 @@ import pytest
 from nextlong.chunking import chunk_spans
 from nextlong.config import SynthesisConfig
 from nextlong.estimate import (
+    SPAN_ROW_BYTES,
     estimate,
     estimate_from_sample,
     format_estimate,
@@ -55,7 +56,7 @@ def test_hand_computed_case():
     assert out["idx"]["value"] == 3 * (34 + 12 * 100 + 8 * 101)
     rows = 100 * (2 + 2 * (1022 / 101) - 1)
     assert out["span_rows"]["value"] == pytest.approx(rows)
-    assert out["total"]["value"] == pytest.approx(100 * 1024 * 7 + 3 * 2042 + rows * 10)
+    assert out["total"]["value"] == pytest.approx(100 * 1024 * 7 + 3 * 2042 + rows * SPAN_ROW_BYTES)
     # every figure says how it was computed
     for section in ("corpus", "synthesis", "index", "search", "output", "work_dir"):
         for fig in est[section].values():

@@ -32,8 +32,8 @@ GPU_BF16_TFLOPS = {"H100": 989.0, "H100-SXM": 989.0, "H100-PCIE": 756.0, "H200":
 #: fp32 (non-tensor-core) peak, TFLOP/s: FAISS's brute-force and IVF list scans run as fp32 GEMMs
 GPU_FP32_TFLOPS = {"H100": 67.0, "H100-SXM": 67.0, "H100-PCIE": 51.0, "H200": 67.0, "A100": 19.5,
                    "L40S": 91.6, "A10G": 31.2}
-#: bytes per row of the spans sidecar after zstd (measured on the demo dataset: 9.6 bytes/row)
-SPAN_ROW_BYTES = 10.0
+#: bytes per row of the spans sidecar after zstd (measured: 9.6 on the demo, 11.6 on bench/bench_scale.py)
+SPAN_ROW_BYTES = 12.0
 #: FAISS k-means iterations (``ClusteringParameters.niter``) and its minimum training points per centroid
 KMEANS_NITER = 25
 KMEANS_MIN_POINTS_PER_CENTROID = 39
@@ -363,7 +363,7 @@ def estimate_from_sample(cfg, sample: dict, *, documents: int | None = None, chu
                             f"{embedder_max_tokens} max tokens and are truncated")
             t_chunk = min(t_chunk, embedder_max_tokens)
         assumptions.append("the embedder's tokenizer produces as many tokens per chunk as --tokenizer "
-                           f"({t_chunk:.0f} measured); XLM-R-style tokenizers are within ~10-20% on English")
+                           f"({t_chunk:.0f} measured); the embedder's own tokenizer is not run here")
         peak = gpu_tflops if gpu_tflops is not None else GPU_BF16_TFLOPS.get(gpu.upper())
         if embedder_params is None:
             emb["flops_per_chunk"] = _fig(None, "FLOP", "2 * params * tokens per chunk",
@@ -508,7 +508,7 @@ def estimate_from_sample(cfg, sample: dict, *, documents: int | None = None, chu
         "idx": _fig(float(idx_bytes), "bytes", f"{n_sets} * (34 + 12*samples + 8*(samples+1))"),
         "span_rows": _fig(rows, "rows", "samples * (BOS + EOS + 2 * chunks per sample - 1): every chunk and "
                                         "separator is a row"),
-        "spans": _fig(span_bytes, "bytes", f"rows * {SPAN_ROW_BYTES:g} bytes (zstd Parquet; measured on the demo)",
+        "spans": _fig(span_bytes, "bytes", f"rows * {SPAN_ROW_BYTES:g} bytes (zstd Parquet; 9.6-11.6 measured)",
                       "assumed bytes per row"),
         "total": _fig(data_bytes + idx_bytes + span_bytes, "bytes", "datasets + idx + spans"),
         "tokens": _fig(float(S) * cfg.target_length, "tokens", "samples * target_length"),
