@@ -163,3 +163,32 @@ def test_tiny_corpus_measured_and_matches_pipeline(tmp_path, docs_corpus, small_
     assert manifest["counts"]["samples_out"] == 3
     assert written == est["output"]["datasets"]["value"] + est["output"]["idx"]["value"]
     assert math.isclose(manifest["counts"]["chunks"], len(texts))
+
+
+def test_local_model_shape_read_from_directory(tmp_path, docs_corpus, small_tokenizer_json):
+    """A local embedder directory: parameters from the safetensors headers, shape from config.json."""
+    import struct
+
+    from nextlong.estimate import describe_local_model
+
+    model = tmp_path / "model"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"hidden_size": 64, "num_hidden_layers": 2, "vocab_size": 1000,
+                                                   "max_position_embeddings": 514}))
+    header = json.dumps({"__metadata__": {"format": "pt"},
+                         "emb": {"dtype": "F32", "shape": [1000, 64], "data_offsets": [0, 256000]},
+                         "w": {"dtype": "F32", "shape": [64, 64], "data_offsets": [256000, 272384]}}).encode()
+    (model / "model.safetensors").write_bytes(struct.pack("<Q", len(header)) + header + bytes(272384))
+    found = describe_local_model(str(model))
+    assert found == {"embedder_hidden": 64, "embedder_layers": 2, "embedder_max_tokens": 514, "embedder_dim": 64,
+                     "embedder_embedding_params": 64000, "embedder_params": 64000 + 4096}
+    assert describe_local_model(str(tmp_path / "absent")) == {}
+
+    cfg = SynthesisConfig(inputs=[str(docs_corpus)], output_prefix=str(tmp_path / "o"), embedder=str(model),
+                          tokenizer=str(small_tokenizer_json), target_length=2048, index_factory="Flat")
+    est = estimate(cfg, sample_docs=50, chunks=10_000, gpus=1, gpu="A100", mfu=0.5, measure_throughput=False)
+    t = min(est["measured"]["tokens_per_chunk"]["value"], 514)
+    assert est["embedding"]["flops_per_chunk"]["value"] == pytest.approx(2 * 68096 * t + 4 * 2 * t**2 * 64)
+    assert est["embedding"]["storage"]["value"] == 10_000 * 64 * 2
+    assert est["embedding"]["gpu_hours"]["value"] == pytest.approx(
+        est["embedding"]["total_flops"]["value"] / (312e12 * 0.5) / 3600)

@@ -143,6 +143,48 @@ def measure_cpu_gflops(size: int = 1024, repeats: int = 3) -> float:
     return 2.0 * size**3 / best / 1e9
 
 
+def describe_local_model(path: str) -> dict:
+    """Shape of a local embedder directory, read without loading it: parameter count from the safetensors
+    headers, and ``hidden_size``/``num_hidden_layers``/``vocab_size``/``max_position_embeddings`` from
+    ``config.json``. Keys are left out when not found; an empty dict for a path that is not a directory."""
+    import json
+    import struct
+    from pathlib import Path
+
+    d = Path(path)
+    out: dict = {}
+    if not d.is_dir():
+        return out
+    cfgp = d / "config.json"
+    if cfgp.exists():
+        try:
+            c = json.loads(cfgp.read_text(encoding="utf-8"))
+        except (OSError, json.JSONDecodeError):
+            c = {}
+        for key, name in (("hidden_size", "embedder_hidden"), ("num_hidden_layers", "embedder_layers"),
+                          ("max_position_embeddings", "embedder_max_tokens")):
+            if isinstance(c.get(key), int):
+                out[name] = c[key]
+        if isinstance(c.get("hidden_size"), int):
+            out["embedder_dim"] = c["hidden_size"]
+            if isinstance(c.get("vocab_size"), int):
+                out["embedder_embedding_params"] = c["vocab_size"] * c["hidden_size"]
+    params = 0
+    for f in sorted(d.rglob("*.safetensors")):
+        try:
+            with open(f, "rb") as fh:
+                (n,) = struct.unpack("<Q", fh.read(8))
+                header = json.loads(fh.read(n))
+        except (OSError, ValueError, struct.error):
+            continue
+        for name, t in header.items():
+            if name != "__metadata__" and isinstance(t, dict) and "shape" in t:
+                params += math.prod(t["shape"])
+    if params:
+        out["embedder_params"] = params
+    return out
+
+
 # ------------------------------------------------------------------------------------------ index
 
 
@@ -543,9 +585,17 @@ def estimate(cfg, *, documents: int | None = None, chunks: int | None = None, sa
     parameter count of a sentence-transformers embedder. Further keywords go to
     :func:`estimate_from_sample` (``embedder_dim``, ``embedder_max_tokens``, ``embedder_layers``,
     ``embedder_hidden``, ``embedder_embedding_params``, ``search_on``, ``search_efficiency``,
-    ``cpu_gflops``, ``gpu_tflops``, ``synth_tokens_per_second``).
+    ``cpu_gflops``, ``gpu_tflops``, ``synth_tokens_per_second``). When ``cfg.embedder`` is a local model
+    directory, the values not given are read from it (:func:`describe_local_model`).
     """
     t0 = time.perf_counter()
+    if cfg.embedder != "hashing":
+        found = describe_local_model(cfg.embedder)
+        if embedder_params is None and "embedder_params" in found:
+            embedder_params = found.pop("embedder_params")
+        for key, value in found.items():
+            if key != "embedder_params" and model.get(key) is None:
+                model[key] = value
     sample = measure_sample(cfg, sample_docs, measure_throughput)
     records = None
     if documents is None and chunks is None and count_inputs:
