@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> int:
     tok = load_tokenizer(args.tokenizer)
     t0 = time.perf_counter()
     for i in range(0, len(texts), 8192):
-        tok.tokenizer.encode_batch(texts[i : i + 8192], add_special_tokens=False)
+        tok.encode_batch(texts[i : i + 8192])
     tokenize_s = time.perf_counter() - t0
     emb = make_embedder(cfg.embedder, cfg.seed, cfg.embedding_dim)
     t0 = time.perf_counter()

@@ -41,8 +41,11 @@ class LoadedTokenizer:
     eos_token: str | None
 
     def encode_batch(self, texts: list[str]) -> list[list[int]]:
-        """Token ids of each text, without special tokens (HF tokenizers runs this in parallel)."""
-        return [e.ids for e in self.tokenizer.encode_batch(texts, add_special_tokens=False)]
+        """Token ids of each text, without special tokens (HF tokenizers runs this in parallel; the fast variant
+        skips character offsets, which are not needed)."""
+        fast = getattr(self.tokenizer, "encode_batch_fast", None)
+        enc = (fast or self.tokenizer.encode_batch)(texts, add_special_tokens=False)
+        return [e.ids for e in enc]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text, add_special_tokens=False).ids
