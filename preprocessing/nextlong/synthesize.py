@@ -174,7 +174,7 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
     try:
         step = cfg.block_docs
         for b in range(0, len(slots), step):
-            if limit is not None and produced >= limit:
+            if limit is not None and (produced >= limit or _earlier_parts_suffice(ctx.work, part, limit)):
                 break
             block = [int(d) for d in slots[b : b + step]]
             retrieved = None
@@ -269,6 +269,18 @@ class _SpanWriter:
         if self.writer is not None:
             self.writer.close()
         self.tmp.unlink(missing_ok=True)
+
+
+def _earlier_parts_suffice(work: Path, part: int, limit: int) -> bool:
+    """With --max-samples, a part is not needed once the parts before it are complete with ``limit`` samples
+    (the merge takes samples in part order); stopping then changes no output byte."""
+    total = 0
+    for j in range(part):
+        m = part_paths(work, j)["marker"]
+        if not m.exists():
+            return False
+        total += json.loads(m.read_text())["samples"]
+    return total >= limit
 
 
 def _spans_table(rows: list[tuple[int, dict]], pool):
