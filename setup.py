@@ -1,8 +1,22 @@
 """Install with ``pip install torch==2.13.0 && pip install -e ".[dev]"`` (see README.md)."""
 
+import os
 from pathlib import Path
 
 from setuptools import setup
+from setuptools.command.build_py import build_py
+
+
+class BuildPyWithPth(build_py):
+    """Ship nextlong_neox_plugin.pth at the top of site-packages: it activates neox_plugin's GPT-NeoX import
+    hook (docs/neox_plugin.md). Editable installs do not ship it: run ``python -m neox_plugin.install_hook``."""
+
+    def run(self):
+        super().run()
+        if not getattr(self, "editable_mode", False):
+            self.copy_file(os.path.join("neox_plugin", "nextlong_neox_plugin.pth"),
+                           os.path.join(self.build_lib, "nextlong_neox_plugin.pth"))
+
 
 setup(
     name="nextlong-neox",
@@ -49,5 +63,5 @@ setup(
             "datatrove>=0.4",
         ],
     },
-    scripts=[],
+    cmdclass={"build_py": BuildPyWithPth},
 )
