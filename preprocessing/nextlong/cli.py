@@ -63,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     em.add_argument("--embedding-dim", type=int, default=256, help="dimension of the hashing embedder")
     em.add_argument("--embedding-dtype", choices=("float16", "float32"), default="float16",
                     help="on-disk dtype of chunk embeddings")
+    em.add_argument("--trust-remote-code", action="store_true",
+                    help="allow the embedder's model directory to run its own code (jina-embeddings-v3 needs it)")
     em.add_argument("--embed-batch-size", type=int, default=64, help="texts per sentence-transformers batch")
     em.add_argument("--index-factory", default="Flat", help="FAISS factory string (inner product)")
     em.add_argument("--index-train-size", type=int, default=262144, help="vectors sampled to train IVF/PQ")

@@ -49,6 +49,9 @@ class SynthesisConfig:
     embedding_dtype: str = "float16"
     """``--embedding-dtype``: storage of the chunk embeddings on disk (float16 halves the pool's size;
     similarities are computed in float32)."""
+    trust_remote_code: bool = False
+    """``--trust-remote-code``: let a sentence-transformers model directory run its own code (needed by
+    jina-embeddings-v3); off by default."""
     embed_batch_size: int = 64
     """``--embed-batch-size``: texts per forward pass of a sentence-transformers model."""
     index_factory: str = "Flat"

@@ -132,7 +132,8 @@ class HashingEmbedder(Embedder):
 class SentenceTransformerEmbedder(Embedder):
     """A sentence-transformers model; bf16 on CUDA, fp32 on CPU; never downloads."""
 
-    def __init__(self, model: str, batch_size: int = 64, device: str | None = None, max_seq_length: int | None = None):
+    def __init__(self, model: str, batch_size: int = 64, device: str | None = None, max_seq_length: int | None = None,
+                 trust_remote_code: bool = False):
         try:
             import torch
             from sentence_transformers import SentenceTransformer
@@ -144,7 +145,7 @@ class SentenceTransformerEmbedder(Embedder):
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         try:
             self.model = SentenceTransformer(model, device=self.device, local_files_only=True,
-                                             trust_remote_code=False)
+                                             trust_remote_code=trust_remote_code)
         except Exception as e:  # noqa: BLE001 - re-raised naming the flag
             raise ValueError(
                 f"--embedder {model}: cannot load a sentence-transformers model from this path or the local "
@@ -170,8 +171,10 @@ class SentenceTransformerEmbedder(Embedder):
         return np.asarray(out, dtype=np.float32)
 
 
-def make_embedder(spec: str, seed: int, dim: int = 256, batch_size: int = 64, device: str | None = None) -> Embedder:
-    """``hashing`` or a sentence-transformers model path/name (on ``device``, default: CUDA if present)."""
+def make_embedder(spec: str, seed: int, dim: int = 256, batch_size: int = 64, device: str | None = None,
+                  trust_remote_code: bool = False) -> Embedder:
+    """``hashing`` or a sentence-transformers model path/name (on ``device``, default: CUDA if present).
+    ``trust_remote_code`` runs the model directory's own code (jina-embeddings-v3 needs it)."""
     if spec == "hashing":
         return HashingEmbedder(dim=dim, seed=seed)
-    return SentenceTransformerEmbedder(spec, batch_size=batch_size, device=device)
+    return SentenceTransformerEmbedder(spec, batch_size=batch_size, device=device, trust_remote_code=trust_remote_code)

@@ -92,7 +92,8 @@ def _embedder():
 
         cfg = _STATE["cfg"]
         _STATE["emb"] = make_embedder(cfg.embedder, cfg.seed, cfg.embedding_dim, cfg.embed_batch_size,
-                                      device=_device_for_slot(_STATE.get("slot", 0)))
+                                      device=_device_for_slot(_STATE.get("slot", 0)),
+                                      trust_remote_code=cfg.trust_remote_code)
     return _STATE["emb"]
 
 
