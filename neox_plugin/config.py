@@ -15,7 +15,13 @@ key                                  type           meaning
 ``nextlong_negative_loss_weight``    float          weight of mask value 0 (default ``1.0``)
 ``nextlong_loss_normalization``      str            ``weight_sum`` | ``nonzero_tokens`` | ``all_tokens``
 ``nextlong_loss_chunk_size``         int            tokens per cross-entropy chunk, 0 = one chunk
+``nextlong_compact_attention_mask``  bool           replace GPT-NeoX's dense [s, s] causal mask with
+                                                    a (1, 1, 1, 1) placeholder; every layer must be
+                                                    of a type that never reads the mask
 ==================================== ============== =========================================
+
+``nextlong_compact_attention_mask`` is independent of ``nextlong_lossweight``: it only changes
+the attention mask GPT-NeoX builds per batch (see :func:`check_compact_attention_mask`).
 """
 
 from __future__ import annotations
@@ -61,6 +67,38 @@ KEY_DEFAULTS: dict[str, Any] = {
     "nextlong_negative_loss_weight": DEFAULT_NEGATIVE_LOSS_WEIGHT,
     "nextlong_loss_normalization": DEFAULT_NORMALIZATION,
     "nextlong_loss_chunk_size": DEFAULT_CHUNK_SIZE,
+    "nextlong_compact_attention_mask": False,
+}
+
+#: The key that replaces GPT-NeoX's dense attention mask with a placeholder.
+COMPACT_MASK_KEY = "nextlong_compact_attention_mask"
+#: Keys that configure the loss weights (only meaningful with ``nextlong_lossweight: true``).
+LOSSWEIGHT_KEYS: tuple[str, ...] = tuple(k for k in KEY_DEFAULTS if k != COMPACT_MASK_KEY)
+
+#: GPT-NeoX ``attention_config`` layer types whose forward pass never reads ``attention_mask``
+#: (GPT-NeoX ea7aefd8), with the code path that shows it. Only these are allowed with
+#: ``nextlong_compact_attention_mask: true``.
+MASK_FREE_LAYER_TYPES: dict[str, str] = {
+    "flash": "ParallelSelfAttention.flash_attention calls flash-attn with causal=True (sliding_window_width as "
+             "window_size; the triton ALiBi fallback also causal=True) and never receives the mask",
+    "mamba": "ParallelMambaResidualLayer.forward ignores attention_mask; the Pipe wrapper only passes it on",
+    "rwkv": "RWKVResidualLayerPipe passes the mask on without reading it",
+    "gmlp": "GMLPBlock without tiny attention (d_attn is None) only passes the mask on",
+}
+#: Known GPT-NeoX layer types that read ``attention_mask``, with where; refused with the key on.
+MASK_READING_LAYER_TYPES: dict[str, str] = {
+    "global": "ParallelSelfAttention.attention masks the [s, s] scores with it (FusedScaleMaskSoftmax)",
+    "local": "sparse attention adds the mask to the scores (ParallelSelfAttention.sparse_attention)",
+    "sparse_fixed": "sparse attention adds the mask to the scores (ParallelSelfAttention.sparse_attention)",
+    "sparse_variable": "sparse attention adds the mask to the scores (ParallelSelfAttention.sparse_attention)",
+    "bigbird": "sparse attention adds the mask to the scores (ParallelSelfAttention.sparse_attention)",
+    "bslongformer": "sparse attention adds the mask to the scores (ParallelSelfAttention.sparse_attention)",
+    "amlp": "the tiny attention of the aMLP block masks its scores with it (gmlp.TinyAttention)",
+}
+#: GPT-NeoX switches that route attention through code which receives the mask, whatever the layer type.
+MASK_READING_SWITCHES: dict[str, str] = {
+    "te_mha": "TransformerEngine's MultiheadAttention is given the mask",
+    "te_fp8_mha": "TransformerEngine's MultiheadAttention is given the mask",
 }
 
 
@@ -117,6 +155,9 @@ class NExtLongConfig:
     negative_loss_weight: float = DEFAULT_NEGATIVE_LOSS_WEIGHT
     loss_normalization: str = DEFAULT_NORMALIZATION
     loss_chunk_size: int = DEFAULT_CHUNK_SIZE
+    #: Replace GPT-NeoX's dense causal mask with :data:`neox_plugin.neox.PLACEHOLDER_MASK_SHAPE` (independent
+    #: of ``enabled``).
+    compact_attention_mask: bool = False
     #: Resolved mask prefixes per split, parallel to the data prefixes (filled by :func:`config_from_args`).
     resolved: dict[str, list[str]] = field(default_factory=dict)
 
@@ -137,9 +178,10 @@ def validate_values(args: Any) -> None:
 
     Raises :class:`NExtLongConfigError` naming the offending key. Does not touch the file system.
     """
-    enabled = _get(args, "nextlong_lossweight")
-    if not isinstance(enabled, bool):
-        raise NExtLongConfigError(f"nextlong_lossweight must be true or false, got {enabled!r}")
+    for key in ("nextlong_lossweight", COMPACT_MASK_KEY):
+        flag = _get(args, key)
+        if not isinstance(flag, bool):
+            raise NExtLongConfigError(f"{key} must be true or false, got {flag!r}")
     w = _get(args, "nextlong_negative_loss_weight")
     if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(float(w)) or float(w) < 0:
         raise NExtLongConfigError(f"nextlong_negative_loss_weight must be a finite number >= 0, got {w!r}")
@@ -174,9 +216,12 @@ def config_from_args(args: Any) -> NExtLongConfig:
         negative_loss_weight=float(_get(args, "nextlong_negative_loss_weight")),
         loss_normalization=_get(args, "nextlong_loss_normalization"),
         loss_chunk_size=int(_get(args, "nextlong_loss_chunk_size")),
+        compact_attention_mask=_get(args, COMPACT_MASK_KEY),
     )
+    if cfg.compact_attention_mask:
+        check_compact_attention_mask(args)
     if not cfg.enabled:
-        changed = [k for k, d in KEY_DEFAULTS.items() if k != "nextlong_lossweight" and _get(args, k) != d]
+        changed = [k for k in LOSSWEIGHT_KEYS if k != "nextlong_lossweight" and _get(args, k) != KEY_DEFAULTS[k]]
         if changed:
             logger.warning("%s set but nextlong_lossweight is false: the loss is not weighted", ", ".join(changed))
         return cfg
@@ -214,3 +259,76 @@ def _check_neox_compat(args: Any) -> None:
         )
     if not _get(args, "train_data_paths") and not _get(args, "data_path"):
         raise NExtLongConfigError("nextlong_lossweight needs train_data_paths (or data_path) to find the masks")
+
+
+# --------------------------------------------------------------------------------------------
+# nextlong_compact_attention_mask
+# --------------------------------------------------------------------------------------------
+
+def expand_attention_config(attention_config: Any, num_layers: int | None) -> list[str]:
+    """One layer type per layer, like GPT-NeoX's ``expand_attention_types`` (``megatron/utils.py``).
+
+    Accepts the expanded form (a list of strings, what ``NeoXArgs`` holds after ``calculate_derived``)
+    and the config form ``[[["flash"], 32]]`` / ``[[["flash", "global"], "all"]]``. ``None`` is
+    GPT-NeoX's default: every layer ``global``.
+    """
+    if attention_config is None:
+        return ["global"] * int(num_layers or 1)
+    if not isinstance(attention_config, (list, tuple)):
+        raise NExtLongConfigError(f"attention_config must be a list, got {attention_config!r}")
+    if all(isinstance(item, str) for item in attention_config):
+        return list(attention_config)
+    layers: list[str] = []
+    for item in attention_config:
+        if not (isinstance(item, (list, tuple)) and len(item) == 2 and isinstance(item[0], (list, tuple))):
+            raise NExtLongConfigError(f"attention_config entry {item!r} is not [[layer types], count]")
+        types, count = list(item[0]), item[1]
+        if count == "all":
+            if not num_layers or not types or num_layers % len(types):
+                raise NExtLongConfigError(f"attention_config pattern {types} does not divide num_layers={num_layers}")
+            return types * (num_layers // len(types))
+        layers.extend(types * int(count))
+    return layers
+
+
+def _layer_ranges(indices: list[int]) -> str:
+    """``[0, 1, 2, 5]`` -> ``"0-2, 5"``."""
+    parts: list[str] = []
+    start = prev = indices[0]
+    for i in indices[1:] + [None]:  # type: ignore[list-item]
+        if i is not None and i == prev + 1:
+            prev = i
+            continue
+        parts.append(f"{start}" if start == prev else f"{start}-{prev}")
+        if i is not None:
+            start = prev = i
+    return ", ".join(parts)
+
+
+def check_compact_attention_mask(args: Any) -> None:
+    """Refuse ``nextlong_compact_attention_mask: true`` unless no layer can read the attention mask.
+
+    With the key on, GPT-NeoX's ``get_attn_mask`` returns a (1, 1, 1, 1) placeholder instead of the
+    dense causal mask, so every layer of ``attention_config`` (expanded, one type per layer) must be
+    in :data:`MASK_FREE_LAYER_TYPES`, and no switch of :data:`MASK_READING_SWITCHES` may be on.
+    Unknown layer types are refused too. The error names the key, the offending types and their layers.
+    """
+    layers = expand_attention_config(_get(args, "attention_config"), _get(args, "num_layers"))
+    offending: dict[str, list[int]] = {}
+    for i, kind in enumerate(layers):
+        if kind not in MASK_FREE_LAYER_TYPES:
+            offending.setdefault(str(kind), []).append(i)
+    problems = []
+    for kind, idx in offending.items():
+        why = MASK_READING_LAYER_TYPES.get(kind, "unknown layer type, not verified to ignore the mask")
+        problems.append(f"{kind!r} at layer{'s' if len(idx) > 1 else ''} {_layer_ranges(idx)} ({why})")
+    for switch, why in MASK_READING_SWITCHES.items():
+        if _get(args, switch):
+            problems.append(f"{switch}: true ({why})")
+    if problems:
+        raise NExtLongConfigError(
+            f"{COMPACT_MASK_KEY} is true, but these layers read the attention mask it replaces with a placeholder: "
+            + "; ".join(problems)
+            + f". Use only the layer types {sorted(MASK_FREE_LAYER_TYPES)} in attention_config (e.g. "
+            f'[[["flash"], num_layers]]) or set {COMPACT_MASK_KEY}: false'
+        )

@@ -21,7 +21,13 @@ megatron.training                     ``_get_batch`` broadcasts the mask (uint8)
                                       ``cross_entropy`` is the weighted, chunked loss
 megatron.model.gpt2_model             ``cross_entropy`` (the ``PipelineModule`` ``loss_fn``) is the
                                       same weighted loss
+megatron.utils                        ``get_attn_mask`` returns a (1, 1, 1, 1) placeholder instead
+                                      of the dense [s, s] causal mask when
+                                      ``nextlong_compact_attention_mask: true``
 ===================================== ===========================================================
+
+The attention-mask patch is governed by ``nextlong_compact_attention_mask`` alone (it works with
+or without ``nextlong_lossweight``); see :func:`placeholder_attention_mask`.
 
 Set ``NEXTLONG_DEBUG_DUMP_DIR`` to save the logits, labels and weights of the first
 ``NEXTLONG_DEBUG_DUMP_CALLS`` (default 2) loss calls on global rank 0 (used by the integration test).
@@ -36,7 +42,14 @@ import re
 import threading
 from typing import Any, Literal
 
-from neox_plugin.config import KEY_DEFAULTS, NExtLongConfig, NExtLongConfigError, config_from_args
+from neox_plugin.config import (
+    COMPACT_MASK_KEY,
+    KEY_DEFAULTS,
+    MASK_FREE_LAYER_TYPES,
+    NExtLongConfig,
+    NExtLongConfigError,
+    config_from_args,
+)
 from neox_plugin.data import BATCH_KEY, NExtLongDataError, make_mask_view, mask_sample, validate_splits
 
 logger = logging.getLogger(__name__)
@@ -50,6 +63,11 @@ REQUIRED_PATCHES = (
     "megatron.training",
     "megatron.model.gpt2_model",
 )
+#: Patch that must be in place before training with ``nextlong_compact_attention_mask: true``.
+COMPACT_MASK_PATCH = "megatron.utils"
+
+#: Shape of the placeholder ``get_attn_mask`` returns with ``nextlong_compact_attention_mask: true``.
+PLACEHOLDER_MASK_SHAPE = (1, 1, 1, 1)
 
 
 class _State:
@@ -80,7 +98,25 @@ def set_config(args: Any) -> NExtLongConfig:
             "NExtLong loss weights on: negative weight %s, normalization %s, chunk %s",
             cfg.negative_loss_weight, cfg.loss_normalization, cfg.loss_chunk_size,
         )
+    if cfg.compact_attention_mask:
+        logger.info("%s on: get_attn_mask returns a %s placeholder (layer types allowed: %s)",
+                    COMPACT_MASK_KEY, PLACEHOLDER_MASK_SHAPE, ", ".join(sorted(MASK_FREE_LAYER_TYPES)))
     return cfg
+
+
+def check_compact_mask_patch() -> None:
+    """Raise if ``nextlong_compact_attention_mask`` is on but ``megatron.utils`` could not be patched.
+
+    Without the patch GPT-NeoX would silently build the dense mask the key is meant to avoid.
+    """
+    if not STATE.config.compact_attention_mask or COMPACT_MASK_PATCH in STATE.applied:
+        return
+    reason = STATE.failed.get(COMPACT_MASK_PATCH, "not imported through the hook")
+    raise NExtLongConfigError(
+        f"{COMPACT_MASK_KEY} is true but {COMPACT_MASK_PATCH}.get_attn_mask could not be patched ({reason}). "
+        "Is the neox_plugin import hook installed (python -m neox_plugin.install_hook) and is this GPT-NeoX "
+        "version supported? See docs/neox_plugin.md."
+    )
 
 
 def check_patches(needed: tuple[str, ...] = REQUIRED_PATCHES) -> None:
@@ -133,6 +169,10 @@ def _args_mixin(base: type) -> type:
         nextlong_loss_chunk_size: int = KEY_DEFAULTS["nextlong_loss_chunk_size"]
         """NExtLong: tokens per cross-entropy chunk (0 = one chunk)."""
 
+        nextlong_compact_attention_mask: bool = KEY_DEFAULTS["nextlong_compact_attention_mask"]
+        """NExtLong: get_attn_mask returns a (1, 1, 1, 1) placeholder instead of the dense [s, s] causal mask
+        (every layer must be flash or another type that never reads the mask)."""
+
     NeoXArgsTraining.__module__ = base.__module__
     NeoXArgsTraining.__qualname__ = base.__qualname__
     NeoXArgsTraining.__doc__ = (base.__doc__ or "") + "\n    (with the NExtLong loss-weight keys)\n"
@@ -166,6 +206,7 @@ def patch_arguments(module: Any) -> bool:
     @functools.wraps(original)
     def validate_values(self: Any) -> bool:
         set_config(self)
+        check_compact_mask_patch()
         return original(self)
 
     validate_values._nextlong = True  # type: ignore[attr-defined]
@@ -471,6 +512,71 @@ def _maybe_dump(logits: Any, labels: Any, weights: Any) -> None:
     STATE.dump_calls += 1
 
 
+# --------------------------------------------------------------------------------------------
+# megatron.utils: nextlong_compact_attention_mask
+# --------------------------------------------------------------------------------------------
+
+def placeholder_attention_mask(device: Any = None) -> Any:
+    """The stand-in GPT-NeoX carries instead of its causal mask with ``nextlong_compact_attention_mask: true``.
+
+    A ``torch.bool`` tensor of shape :data:`PLACEHOLDER_MASK_SHAPE` = (1, 1, 1, 1), all ``True``.
+
+    It is **not** an attention mask. It exists only because GPT-NeoX threads an ``attention_mask``
+    through every layer (``(hidden_states, attention_mask)`` between ``PipelineModule`` layers and
+    stages) and DeepSpeed's pipeline engine expects a bool tensor as the last activation. The layer
+    types allowed with the key (:data:`neox_plugin.config.MASK_FREE_LAYER_TYPES`, e.g. flash) apply
+    causality themselves and never read it; the start-up check refuses every other type. ``True``
+    means "masked" in GPT-NeoX's convention, so code that did broadcast it against scores would
+    mask every position (uniform attention, an obviously broken loss) rather than silently attend
+    to future tokens. Stock GPT-NeoX's mask is ``(1, 1, s, s)`` bool, built from two fp32 ``s x s``
+    temporaries (~64 GiB at s = 131072) and, with pipeline parallelism, sent between stages as fp16
+    (2 s^2 bytes per micro-batch); the placeholder costs one element in both places.
+
+    DeepSpeed's pipeline engine handles it like the real mask: sent as ``.half()`` (shape from the
+    tensor metadata), turned back into bool on the receiving stage, never given ``requires_grad``
+    (not floating point), and dropped from the gradient sends.
+    """
+    import torch
+
+    return torch.ones(PLACEHOLDER_MASK_SHAPE, dtype=torch.bool, device=device)
+
+
+def is_placeholder_attention_mask(mask: Any) -> bool:
+    """True for a tensor shaped like :func:`placeholder_attention_mask` (used by checks and tests)."""
+    import torch
+
+    return torch.is_tensor(mask) and tuple(mask.shape) == PLACEHOLDER_MASK_SHAPE and mask.dtype == torch.bool
+
+
+def patch_utils(module: Any) -> bool:
+    """``get_attn_mask`` returns :func:`placeholder_attention_mask` when the compact mask is on.
+
+    ``get_ltor_masks_and_position_ids`` (used by ``_get_batch``, so ``get_batch`` and
+    ``get_batch_pipe``, and by text generation) looks ``get_attn_mask`` up in this module's globals
+    at call time, so replacing the module attribute reaches every caller, including the ones that
+    imported ``get_ltor_masks_and_position_ids`` by name. Loss mask and position ids are untouched.
+    """
+    if not _require(module, "get_attn_mask", "get_ltor_masks_and_position_ids"):
+        return False
+    original = module.get_attn_mask
+    if getattr(original, "_nextlong", False):
+        return True
+    ltor = module.get_ltor_masks_and_position_ids
+    if "get_attn_mask" not in getattr(getattr(ltor, "__code__", None), "co_names", ()):
+        return False  # builds its mask some other way: patching get_attn_mask would not reach it
+
+    @functools.wraps(original)
+    def get_attn_mask(*a: Any, **kw: Any) -> Any:
+        if not STATE.config.compact_attention_mask:
+            return original(*a, **kw)
+        return placeholder_attention_mask(_bound(original, a, kw).get("device"))
+
+    get_attn_mask._nextlong = True  # type: ignore[attr-defined]
+    get_attn_mask._nextlong_original = original  # type: ignore[attr-defined]
+    module.get_attn_mask = get_attn_mask
+    return True
+
+
 #: module name -> patch function, used by the import hook.
 PATCHES = {
     "megatron.neox_arguments.neox_args": patch_neox_args,
@@ -479,6 +585,7 @@ PATCHES = {
     "megatron.data.data_utils": patch_data_utils,
     "megatron.training": patch_training,
     "megatron.model.gpt2_model": patch_gpt2_model,
+    "megatron.utils": patch_utils,
 }
 
 

@@ -49,8 +49,9 @@ def test_defaults_are_the_documented_ones() -> None:
     assert set(KEY_DEFAULTS) == {
         "nextlong_lossweight", "nextlong_train_lossweight_paths", "nextlong_valid_lossweight_paths",
         "nextlong_test_lossweight_paths", "nextlong_negative_loss_weight", "nextlong_loss_normalization",
-        "nextlong_loss_chunk_size",
+        "nextlong_loss_chunk_size", "nextlong_compact_attention_mask",
     }
+    assert cfg.compact_attention_mask is False
 
 
 def test_all_splits_resolved_up_front() -> None:
@@ -85,6 +86,7 @@ def test_explicit_list_must_be_parallel() -> None:
         ("nextlong_loss_chunk_size", -1, "integer >= 0"),
         ("nextlong_loss_chunk_size", 1.5, "integer >= 0"),
         ("nextlong_lossweight", "yes", "true or false"),
+        ("nextlong_compact_attention_mask", 1, "true or false"),
         ("nextlong_valid_lossweight_paths", "/m/v", "list of strings or null"),
     ],
 )
@@ -126,6 +128,7 @@ def test_keys_registered_with_types_neox_validates() -> None:
     assert patch_neox_args(mod)
     fields = mod.NeoXArgsTraining.__dataclass_fields__
     assert fields["nextlong_lossweight"].type is bool
+    assert fields["nextlong_compact_attention_mask"].type is bool
     assert fields["nextlong_negative_loss_weight"].type is float
     assert fields["nextlong_loss_chunk_size"].type is int
     assert fields["nextlong_train_lossweight_paths"].type is list
