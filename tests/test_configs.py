@@ -309,8 +309,11 @@ def test_loads_through_gpt_neox_neoxargs(recipe: str, tmp_path: Path) -> None:
             data = nc.render_site(data, env, resume=False)
         if not registered:
             data = {k: v for k, v in data.items() if not k.startswith("nextlong_")}
-        if importlib.util.find_spec("flash_attn") is None and "attention_config" in data:
-            data["attention_config"] = [[["global"], 32]]  # NeoXArgs reads flash-attn's version when flash is named
+        if importlib.util.find_spec("flash_attn") is None:
+            if "attention_config" in data:
+                data["attention_config"] = [[["global"], 32]]  # NeoXArgs reads flash-attn's version for flash
+            if data.get("nextlong_compact_attention_mask"):
+                data["nextlong_compact_attention_mask"] = False  # the plugin refuses it with "global" layers
         out = tmp_path / name
         out.write_text(yaml.safe_dump(data, sort_keys=False))
         files.append(str(out))
