@@ -18,8 +18,10 @@ Model of the step (assumptions are printed too):
   working set. With flash attention no [s, s] score matrix exists.
 * The logits phase (end of forward / start of backward on the last pipeline stage) and the layer-recompute phase
   do not overlap: the peak is persistent memory + checkpoints + the larger of the two phases.
-* GPT-NeoX's stock ``get_attn_mask`` builds a dense [s, s] mask; it is unused by flash attention and is assumed
-  replaced (``--stock-attention-mask`` adds it to show why).
+* GPT-NeoX's stock ``get_attn_mask`` builds a dense [s, s] mask for every batch (counted as 9 s^2 bytes: fp32 ones,
+  fp32 tril, bool result). With ``nextlong_compact_attention_mask: true`` the plugin returns a (1, 1, 1, 1) bool
+  placeholder instead (flash attention never reads the mask), counted as 1 byte; ``--stock-attention-mask``
+  counts the stock mask anyway, to show what the key saves.
 
 Only the standard library, pyyaml and numpy-free arithmetic are used, so it runs anywhere.
 """
@@ -41,6 +43,8 @@ LOG = logging.getLogger("plan_memory")
 GIB = float(1 << 30)
 LLAMA3_VOCAB = 128256
 H100_BF16_DENSE_TFLOPS = 989.0
+#: bytes of the (1, 1, 1, 1) bool placeholder neox_plugin returns with nextlong_compact_attention_mask: true
+PLACEHOLDER_MASK_BYTES = 1
 
 
 # --------------------------------------------------------------------------------------------------------------
@@ -461,12 +465,22 @@ def plan_stage(cfg: dict[str, Any], batch: Batch, stage: int, opts: Options) -> 
                 f"(8 int64 labels + 4 mask + 4 weights) B x s x b = 16 x {_fmt_int(s)} x {b}",
             )
         )
-    if opts.stock_attention_mask:
+    compact_mask = bool(cfg.get("nextlong_compact_attention_mask", False))
+    if compact_mask and not opts.stock_attention_mask:
+        sp_out.fixed.append(
+            Term(
+                "attention mask placeholder",
+                PLACEHOLDER_MASK_BYTES,
+                "1 B bool x (1, 1, 1, 1) (nextlong_compact_attention_mask: flash never reads the mask)",
+            )
+        )
+    else:
+        why = "--stock-attention-mask" if compact_mask else "nextlong_compact_attention_mask off"
         sp_out.fixed.append(
             Term(
                 "stock [s, s] attention mask",
                 9 * s * s,
-                f"(4 B fp32 ones + 4 B tril + 1 B bool) x s^2 = 9 x {_fmt_int(s)}^2",
+                f"(4 B fp32 ones + 4 B tril + 1 B bool) x s^2 = 9 x {_fmt_int(s)}^2 ({why})",
             )
         )
     sp_out.fixed.append(
@@ -607,7 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--stock-attention-mask",
         action="store_true",
-        help="add the dense [s, s] causal mask that stock GPT-NeoX get_attn_mask builds (bytes = 9 s^2)",
+        help="count the dense [s, s] causal mask that stock GPT-NeoX get_attn_mask builds (bytes = 9 s^2) even when "
+        "nextlong_compact_attention_mask is true (without the key it is always counted)",
     )
     p.add_argument("--log-level", default="WARNING", help="logging level (DEBUG, INFO, WARNING)")
     return p

@@ -91,13 +91,28 @@ def test_small_config_by_hand() -> None:
     assert terms["loss chunk fp32 buffers"] == 774144
     assert terms["labels, loss mask, loss weights"] == 8192
     assert terms["rotary cos/sin cache"] == 32768
+    # no nextlong_compact_attention_mask: stock GPT-NeoX's dense mask, 9 B x 256^2
+    assert terms["stock [s, s] attention mask"] == 589824
     assert st.peak_phase == 1880064
-    assert st.total == 2981536
+    assert st.total == 2981536 + 589824
 
     total, dense, attn = pm.step_flops(SMALL, batch, 1000)
     assert dense == 6 * (64512 + 2 * 18432) * 2048
     assert attn == 6 * 2 * 64 * 256**2 * 8
     assert total == 1648361472
+
+
+def test_compact_attention_mask_counts_the_placeholder() -> None:
+    cfg = dict(SMALL, nextlong_compact_attention_mask=True)
+    _, (st,) = pm.plan(cfg, OPTS)
+    fixed = {t.name: t.nbytes for t in st.fixed}
+    assert "stock [s, s] attention mask" not in fixed
+    assert fixed["attention mask placeholder"] == 1  # (1, 1, 1, 1) bool
+    assert st.total == 2981536 + 1
+    # --stock-attention-mask shows what the key saves
+    _, (stock,) = pm.plan(cfg, pm.Options(vocab_size=1000, overhead_gib=0.0, stock_attention_mask=True))
+    assert {t.name: t.nbytes for t in stock.fixed}["stock [s, s] attention mask"] == 9 * 256**2
+    assert stock.total == 2981536 + 589824
 
 
 def test_unchunked_loss_uses_stock_buffers() -> None:
@@ -125,7 +140,7 @@ def test_main_prints_formulas_and_total(tmp_path: Path, capsys: pytest.CaptureFi
     cfg.write_text(yaml.safe_dump(SMALL))
     assert pm.main([str(cfg), "--vocab-size", "1000", "--overhead-gib", "0"]) == 0
     out = capsys.readouterr().out.strip().splitlines()
-    assert out[-1] == f"total per GPU: {2981536 / 2**30:.2f} GiB"
+    assert out[-1] == f"total per GPU: {(2981536 + 589824) / 2**30:.2f} GiB"
     assert any("= 2 B x P_gpu" in line for line in out)
     assert any(line.startswith("batch:") and "2,048" in line for line in out)
 
@@ -145,6 +160,18 @@ def test_recipes_fit_80gb_with_margin(recipe: str, gpus: int, capsys: pytest.Cap
     batch, _ = pm.plan(cfg, pm.Options())
     assert batch.num_gpus == gpus
     assert batch.tokens_per_step == 4_194_304
+    assert cfg["nextlong_compact_attention_mask"] is True
+
+
+@pytest.mark.parametrize("recipe", ["llama3_128k.yml", "llama3_512k.yml"])
+def test_recipes_cannot_start_with_the_stock_mask(recipe: str) -> None:
+    cfg = pm.load_configs([CONFIGS / "llama3_8b.yml", CONFIGS / recipe])
+    _, stages = pm.plan(cfg, pm.Options())
+    assert all(t.nbytes == 1 for st in stages for t in st.fixed if "attention mask" in t.name)
+    for variant, opts in ((dict(cfg, nextlong_compact_attention_mask=False), pm.Options()),
+                          (cfg, pm.Options(stock_attention_mask=True))):
+        _, stock = pm.plan(variant, opts)
+        assert min(st.total for st in stock) / 2**30 > 79.6 + 60  # 144 GiB (128K) / 2.25 TiB (512K) mask alone
 
 
 def test_512k_needs_chunked_loss() -> None:
