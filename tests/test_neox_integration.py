@@ -15,7 +15,8 @@ What is checked, for ``pipe_parallel_size: 0`` (forward_step + cross_entropy) an
   their sum) must equal the plugin's, and the weighted cross-entropy of the dumped logits
   (torch.nn.functional.cross_entropy) averaged over the step's two micro-batches must equal the
   logged lm_loss;
-* with the plugin on and every weight 1.0, the logged training losses equal stock GPT-NeoX's.
+* with the plugin on and every weight 1.0, the logged training losses equal stock GPT-NeoX's;
+* ``nextlong_compact_attention_mask: true`` with the tiny config's non-flash layers is refused before step 1.
 """
 
 from __future__ import annotations
@@ -245,6 +246,26 @@ def test_bad_valid_mask_refused_before_step_one(workdir: dict) -> None:
     log = proc.stdout + proc.stderr
     assert proc.returncode != 0
     assert "[valid] mask value 2 at token" in log and bad in log and workdir["text"] in log
+    assert not LOSS_RE.search(log), "no training step may run"
+
+
+def _start(w: dict, name: str, config: Path) -> tuple[subprocess.CompletedProcess, str]:
+    paths = _paths_yml(w, name)
+    proc = subprocess.run([NEOX_PYTHON, "deepy.py", "train.py", str(config), str(paths)], cwd=NEOX_DIR,
+                          env=_neox_env(None), capture_output=True, text=True, timeout=RUN_TIMEOUT)
+    log = proc.stdout + proc.stderr
+    (w["root"] / name / "run.log").write_text(log)
+    return proc, log
+
+
+def test_compact_attention_mask_refused_with_mask_reading_layers(workdir: dict) -> None:
+    """nextlong_compact_attention_mask with the tiny config's non-flash ("global") layers stops the run at
+    argument validation, naming the key and the layers (flash attention itself cannot run on CPU)."""
+    cfg = _variant(workdir, "compact_global", nextlong_compact_attention_mask=True)
+    proc, log = _start(workdir, "compact_global_run", cfg)
+    assert proc.returncode != 0
+    assert "NExtLongConfigError: nextlong_compact_attention_mask is true" in log, log[-3000:]
+    assert "'global' at layers 0-1" in log
     assert not LOSS_RE.search(log), "no training step may run"
 
 
