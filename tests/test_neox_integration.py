@@ -16,7 +16,8 @@ What is checked, for ``pipe_parallel_size: 0`` (forward_step + cross_entropy) an
   (torch.nn.functional.cross_entropy) averaged over the step's two micro-batches must equal the
   logged lm_loss;
 * with the plugin on and every weight 1.0, the logged training losses equal stock GPT-NeoX's;
-* ``nextlong_compact_attention_mask: true`` with the tiny config's non-flash layers is refused before step 1.
+* ``nextlong_compact_attention_mask: true`` with the tiny config's non-flash layers is refused before step 1,
+  and GPT-NeoX's own ``get_ltor_masks_and_position_ids`` returns the placeholder only with the key on.
 """
 
 from __future__ import annotations
@@ -267,6 +268,33 @@ def test_compact_attention_mask_refused_with_mask_reading_layers(workdir: dict) 
     assert "NExtLongConfigError: nextlong_compact_attention_mask is true" in log, log[-3000:]
     assert "'global' at layers 0-1" in log
     assert not LOSS_RE.search(log), "no training step may run"
+
+
+PLACEHOLDER_SCRIPT = r'''
+import json, torch
+from megatron import training  # imports get_ltor_masks_and_position_ids by name, like _get_batch uses it
+from neox_plugin import neox
+data = torch.tensor([[5, 0, 7, 9], [0, 1, 2, 3]])
+off = training.get_ltor_masks_and_position_ids(data, 0, eod_mask_loss=True)
+neox.set_config({"nextlong_compact_attention_mask": True, "num_layers": 2, "attention_config": ["flash", "flash"]})
+on = training.get_ltor_masks_and_position_ids(data, 0, eod_mask_loss=True)
+print(json.dumps({"applied": "megatron.utils" in neox.STATE.applied, "off": list(off[0].shape),
+                  "on": list(on[0].shape), "on_dtype": str(on[0].dtype),
+                  "same_loss_mask_and_positions": bool(torch.equal(off[1], on[1]) and torch.equal(off[2], on[2]))}))
+'''
+
+
+def test_placeholder_on_gpt_neox_modules(tmp_path: Path) -> None:
+    """GPT-NeoX's own get_ltor_masks_and_position_ids, as megatron.training imported it, returns the placeholder
+    only with the key on; loss mask and position ids are unchanged."""
+    env = _neox_env(None)
+    env["PYTHONPATH"] = os.pathsep.join([p for p in [env.get("PYTHONPATH"), NEOX_DIR] if p])
+    proc = subprocess.run([NEOX_PYTHON, "-c", PLACEHOLDER_SCRIPT], env=env, capture_output=True, text=True,
+                          timeout=300, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert out == {"applied": True, "off": [1, 1, 4, 4], "on": [1, 1, 1, 1], "on_dtype": "torch.bool",
+                   "same_loss_mask_and_positions": True}
 
 
 LOCKSTEP_SCRIPT = r'''
