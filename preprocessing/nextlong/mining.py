@@ -3,8 +3,9 @@
 For a block of meta-documents, every meta-chunk's embedding is searched in ONE batched FAISS call for
 ``candidates`` + (chunks of the largest document in the block) neighbours, so that after removing the
 document's own chunks the pool still holds ``candidates`` entries. The similarities of the returned ids
-are then recomputed exactly in float32 and the list re-sorted by (similarity desc, chunk id asc): the
-order is thus independent of FAISS's batching and threading, and byte-identical whatever the task layout.
+are then recomputed exactly (float64 products of the stored vectors, rounded to float32) and the list re-sorted
+by (similarity desc, chunk id asc): the order is thus independent of FAISS's batching, threading and index
+type, and byte-identical whatever the task layout.
 
 Filtering, per meta-chunk, keeps the similarity order and drops:
   * chunks of the same source document;
@@ -42,9 +43,14 @@ def retrieve_block(pool, index, meta_chunk_ids: np.ndarray, k: int) -> tuple[np.
     ids = ids.astype(np.int64)
     valid = ids >= 0
     sims = np.empty(ids.shape, dtype=np.float32)
-    for q in range(len(ids)):
-        # gemv per query: exact float32 similarities, independent of how queries were batched
-        sims[q] = np.asarray(pool.embeddings[np.where(valid[q], ids[q], 0)], dtype=np.float32) @ queries[q]
+    q64 = queries.astype(np.float64)
+    step = max(1, (1 << 22) // max(1, ids.shape[1] * queries.shape[1]))  # ~32 MiB of float64 per step
+    for s in range(0, len(ids), step):
+        # exact re-scoring in float64, summed along the embedding axis only: the value of a (query, chunk)
+        # pair never depends on k, on the block or on the BLAS kernel
+        rows = np.where(valid[s : s + step], ids[s : s + step], 0)
+        vecs = np.asarray(pool.embeddings[rows.ravel()], dtype=np.float64).reshape(*rows.shape, -1)
+        sims[s : s + step] = (vecs * q64[s : s + step, None, :]).sum(axis=2)
     sims = np.where(valid, sims, -np.inf).astype(np.float32)
     order = np.lexsort((np.where(valid, ids, np.iinfo(np.int64).max), -sims), axis=1)
     return np.take_along_axis(ids, order, 1), np.take_along_axis(sims, order, 1)
