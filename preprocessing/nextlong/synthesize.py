@@ -404,7 +404,22 @@ def _concat_bins(readers, takes, name: str, tmp_bin: Path, lengths: list) -> Non
 
 
 def _copy_bytes(src, dst, nbytes: int, bufsize: int = 64 << 20) -> None:
+    """Copy ``nbytes`` from the current position of ``src`` to ``dst``: in the kernel (copy_file_range) where
+    the platform has it, else through a buffer."""
     left = nbytes
+    if hasattr(os, "copy_file_range"):
+        dst.flush()
+        try:
+            while left > 0:
+                n = os.copy_file_range(src.fileno(), dst.fileno(), min(left, 1 << 30))
+                if n == 0:
+                    raise OSError(f"{src.name}: ended {left} bytes early")
+                left -= n
+            return
+        except OSError:
+            if left != nbytes:
+                raise  # failed midway: the file positions are no longer those of the buffered objects
+            # nothing copied (e.g. EXDEV on old kernels, unsupported filesystem): copy through a buffer
     while left > 0:
         buf = src.read(min(bufsize, left))
         if not buf:
