@@ -202,21 +202,24 @@ def hashing_idf(path: Path, work: Path, shards: list[Shard], n_features: int) ->
 def embed_shard(cfg, work: Path, shard: Shard, embedder, idf: np.ndarray | None, progress=None,
                 batch_size: int = 4096) -> dict:
     """Embed every chunk of one shard once into its embeddings.npy (``--embedding-dtype``, unit rows)."""
-    texts = shard_texts(work, shard)
     if idf is not None:
         embedder.idf = idf
-    dtype = np.dtype(cfg.embedding_dtype)
-    final = shard_dir(work, shard) / "embeddings.npy"
-    tmp = _tmp(final, ".npy")
-    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(len(texts), embedder.dim))
-    bar = progress(total=len(texts), desc=f"embed {shard.name}", unit="chunk") if progress else None
     counts_path = shard_dir(work, shard) / "counts.npz"
-    counts = None
+    counts = texts = None
     if hasattr(embedder, "embed_counts") and counts_path.exists():
         import scipy.sparse as sp
 
         counts = sp.load_npz(counts_path).tocsr()  # hashed in the chunk stage: no second pass over the text
-    for i in range(0, len(texts), batch_size):
+        n = counts.shape[0]
+    else:
+        texts = shard_texts(work, shard)
+        n = len(texts)
+    dtype = np.dtype(cfg.embedding_dtype)
+    final = shard_dir(work, shard) / "embeddings.npy"
+    tmp = _tmp(final, ".npy")
+    out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, embedder.dim))
+    bar = progress(total=n, desc=f"embed {shard.name}", unit="chunk") if progress else None
+    for i in range(0, n, batch_size):
         if counts is not None:
             e = embedder.embed_counts(counts[i : i + batch_size])
         else:
@@ -229,7 +232,7 @@ def embed_shard(cfg, work: Path, shard: Shard, embedder, idf: np.ndarray | None,
     out.flush()
     del out
     os.replace(tmp, final)
-    return {"chunks": len(texts), "dim": int(embedder.dim), "dtype": str(dtype)}
+    return {"chunks": n, "dim": int(embedder.dim), "dtype": str(dtype)}
 
 
 # ------------------------------------------------------------------------------------------ gather
