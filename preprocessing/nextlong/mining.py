@@ -3,7 +3,7 @@
 For a block of meta-documents, every meta-chunk's embedding is searched in ONE batched FAISS call for
 ``candidates`` + (chunks of the largest document in the block) neighbours, so that after removing the
 document's own chunks the pool still holds ``candidates`` entries. The similarities of the returned ids
-are then recomputed exactly (float64 products of the stored vectors, rounded to float32) and the list re-sorted
+are then recomputed from the stored vectors (float32 products summed along the embedding axis) and the list re-sorted
 by (similarity desc, chunk id asc): the order is thus independent of FAISS's batching, threading and index
 type, and byte-identical whatever the task layout.
 
@@ -43,14 +43,14 @@ def retrieve_block(pool, index, meta_chunk_ids: np.ndarray, k: int) -> tuple[np.
     ids = ids.astype(np.int64)
     valid = ids >= 0
     sims = np.empty(ids.shape, dtype=np.float32)
-    q64 = queries.astype(np.float64)
-    step = max(1, (1 << 22) // max(1, ids.shape[1] * queries.shape[1]))  # ~32 MiB of float64 per step
+    step = max(1, (1 << 22) // max(1, ids.shape[1] * queries.shape[1]))  # ~16 MiB of float32 per step
     for s in range(0, len(ids), step):
-        # exact re-scoring in float64, summed along the embedding axis only: the value of a (query, chunk)
-        # pair never depends on k, on the block or on the BLAS kernel
+        # exact re-scoring, summed (pairwise, by numpy) along the embedding axis only: the value of a
+        # (query, chunk) pair never depends on k, on the block or on a BLAS kernel
         rows = np.where(valid[s : s + step], ids[s : s + step], 0)
-        vecs = np.asarray(pool.embeddings[rows.ravel()], dtype=np.float64).reshape(*rows.shape, -1)
-        sims[s : s + step] = (vecs * q64[s : s + step, None, :]).sum(axis=2)
+        vecs = np.asarray(pool.embeddings[rows.ravel()], dtype=np.float32).reshape(*rows.shape, -1)
+        vecs *= queries[s : s + step, None, :]
+        sims[s : s + step] = vecs.sum(axis=2)
     sims = np.where(valid, sims, -np.inf).astype(np.float32)
     order = np.lexsort((np.where(valid, ids, np.iinfo(np.int64).max), -sims), axis=1)
     return np.take_along_axis(ids, order, 1), np.take_along_axis(sims, order, 1)
