@@ -159,3 +159,25 @@ def test_baselines_and_ablations(tmp_path, docs_corpus, cl100k_json):
     assert first[first["role"] == "negative"]["rank"].is_monotonic_increasing
     rnd = spans("--negative-selection", "random-doc", name="randomdoc")
     assert neg(rnd)["similarity"].mean() < neg(top)["similarity"].mean()
+
+
+def test_two_inputs_mixed_by_weight(tmp_path, docs_corpus, cl100k_json):
+    lines = docs_corpus.read_text(encoding="utf-8").splitlines(keepends=True)
+    a, b = tmp_path / "a.jsonl", tmp_path / "b.parquet"
+    a.write_text("".join(lines[::2]), encoding="utf-8")
+    import pyarrow as pa
+
+    recs = [json.loads(x) for x in lines[1::2]]
+    pq.write_table(pa.table({"id": [r["id"] for r in recs], "text": [r["text"] for r in recs]}), b)
+    prefix = tmp_path / "mix" / "nl"
+    assert main(["--input", str(a), "--input", str(b), "--mix", "1", "--mix", "2", "--tokenizer", str(cl100k_json),
+                 "--output-prefix", str(prefix), "--target-length", "2048", "--max-samples", "60", "--no-progress",
+                 "--negative-order", "random"]) == 0
+    spans = pq.read_table(f"{prefix}_spans.parquet").to_pandas()
+    meta = spans[spans["role"] == "meta"].drop_duplicates("sample")
+    counts = meta["corpus"].value_counts().to_dict()
+    assert counts == {"a": 20, "b": 40}  # meta-documents drawn 1:2
+    negs = spans[spans["role"] == "negative"]
+    assert set(negs["corpus"]) == {"a", "b"}  # both inputs are in the retrieval pool
+    manifest = json.loads(Path(f"{prefix}_manifest.json").read_text())
+    assert manifest["counts"]["documents_per_input"] == {"a": len(lines[::2]), "b": len(lines[1::2])}
