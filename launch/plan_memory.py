@@ -36,7 +36,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import yaml
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # launch/ as a script directory, also when imported
+from neox_configs import merge_configs  # noqa: E402
 
 LOG = logging.getLogger("plan_memory")
 
@@ -53,21 +54,9 @@ PLACEHOLDER_MASK_BYTES = 1
 
 
 def load_configs(paths: list[str | Path]) -> dict[str, Any]:
-    """Merge GPT-NeoX config files like ``NeoXArgs.from_ymls``: duplicate keys are an error, ``-`` becomes ``_``."""
-    merged: dict[str, Any] = {}
-    origin: dict[str, str] = {}
-    for path in paths:
-        with open(path, encoding="utf-8") as fh:
-            conf = yaml.safe_load(fh) or {}
-        if not isinstance(conf, dict):
-            raise ValueError(f"{path}: top level must be a mapping")
-        for key, value in conf.items():
-            norm = str(key).replace("-", "_")
-            if norm in merged:
-                raise ValueError(f"{path}: key {key!r} already set in {origin[norm]} (GPT-NeoX rejects duplicates)")
-            merged[norm] = value
-            origin[norm] = str(path)
-    return merged
+    """Merge GPT-NeoX config files like ``NeoXArgs.from_ymls``: duplicate keys are an error, ``-`` becomes ``_``
+    (:func:`neox_configs.merge_configs`, which the JSON variants are generated with)."""
+    return merge_configs(paths)
 
 
 # --------------------------------------------------------------------------------------------------------------
