@@ -42,6 +42,7 @@ import re
 import threading
 from typing import Any, Literal
 
+from neox_plugin import _hook
 from neox_plugin.config import (
     COMPACT_MASK_KEY,
     KEY_DEFAULTS,
@@ -54,17 +55,10 @@ from neox_plugin.data import BATCH_KEY, NExtLongDataError, make_mask_view, mask_
 
 logger = logging.getLogger(__name__)
 
-#: Patches that must all be in place before training with the plugin.
-REQUIRED_PATCHES = (
-    "megatron.neox_arguments.neox_args",
-    "megatron.neox_arguments.arguments",
-    "megatron.data.gpt2_dataset",
-    "megatron.data.data_utils",
-    "megatron.training",
-    "megatron.model.gpt2_model",
-)
 #: Patch that must be in place before training with ``nextlong_compact_attention_mask: true``.
 COMPACT_MASK_PATCH = "megatron.utils"
+#: Patches that must all be in place before training with the plugin: every hooked module but the mask one.
+REQUIRED_PATCHES = tuple(sorted(_hook.TARGETS - {COMPACT_MASK_PATCH}))
 
 #: Shape of the placeholder ``get_attn_mask`` returns with ``nextlong_compact_attention_mask: true``.
 PLACEHOLDER_MASK_SHAPE = (1, 1, 1, 1)
