@@ -10,8 +10,9 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 PREPROCESSING = ROOT / "preprocessing"
-if str(PREPROCESSING) not in sys.path:  # `import nextlong` without an install too
-    sys.path.insert(0, str(PREPROCESSING))
+for _p in (ROOT, PREPROCESSING):  # `import neox_plugin` and `import nextlong` without an install too
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
 
 #: real corpora, present in CI beside the project, absent on a user's fresh machine
 SHARED_DATA = ROOT.parent / "shared" / "data"

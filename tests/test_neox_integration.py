@@ -34,9 +34,6 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-for p in (REPO, REPO / "preprocessing"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 NEOX_DIR = os.environ.get("GPT_NEOX_DIR")
 pytestmark = [

@@ -14,9 +14,6 @@ from typing import Literal
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-for p in (REPO, REPO / "preprocessing"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 from neox_plugin.config import (  # noqa: E402
     KEY_DEFAULTS,

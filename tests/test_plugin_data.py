@@ -3,16 +3,12 @@ checked against megatron-core's reader on files written by the project's writer.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-for p in (REPO, REPO / "preprocessing"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 from nextlong.indexed import IndexedDatasetWriter, read_indexed, write_index  # noqa: E402
 

@@ -10,9 +10,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-for p in (REPO, REPO / "preprocessing"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 from neox_plugin.config import MASK_PADDING  # noqa: E402
 from neox_plugin.loss import mask_to_weights, normalize_weights, weighted_cross_entropy  # noqa: E402

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -10,9 +9,6 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
-for p in (REPO, REPO / "preprocessing"):
-    if str(p) not in sys.path:
-        sys.path.insert(0, str(p))
 
 from nextlong.indexed import IndexedDatasetWriter  # noqa: E402
 
