@@ -1,4 +1,5 @@
-"""End to end: main() on real prose, outputs read back with megatron-core's reader (independent)."""
+"""End to end: main() on real prose. Every test runs without megatron-core; only the cross-check that reads
+the outputs with megatron-core's reader (an independent implementation) skips when it is not installed."""
 
 from __future__ import annotations
 
@@ -9,9 +10,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import pytest
 from nextlong.cli import main
+from nextlong.indexed import read_indexed
 from nextlong.tokenization import load_tokenizer
-
-mc = pytest.importorskip("megatron.core.datasets.indexed_dataset")
 
 T = 4096
 NAMES = ("text", "lossweight", "label")
@@ -37,23 +37,55 @@ def data_bytes(prefix: Path) -> dict[str, bytes]:
     return out
 
 
+def megatron_indexed_dataset():
+    """megatron-core's ``indexed_dataset`` module, or a skip that names the extra to install."""
+    try:
+        from megatron.core.datasets import indexed_dataset
+    except ImportError:
+        pytest.skip('megatron-core is not installed: pip install -e ".[megatron]" (or ".[dev]") for this '
+                    "cross-check with its reader")
+    return indexed_dataset
+
+
 @pytest.fixture(scope="module")
 def cl100k_run(tmp_path_factory, docs_corpus, cl100k_json):
     return run(tmp_path_factory.mktemp("e2e"), docs_corpus, cl100k_json)
 
 
-def test_outputs_read_back_with_megatron_core(cl100k_run, cl100k_json):
+@pytest.fixture(scope="module")
+def uint16_run(tmp_path_factory, docs_corpus, small_tokenizer_json):
+    return run(tmp_path_factory.mktemp("e2e16"), docs_corpus, small_tokenizer_json, "--budget", "paper",
+               "--negative-order", "tail")
+
+
+@pytest.mark.parametrize("which", ["cl100k_run", "uint16_run"])
+def test_megatron_core_reads_the_same_datasets(which, request):
+    """megatron-core's reader (not ours) sees the same dtype, sizes, document index and values."""
+    mc = megatron_indexed_dataset()
+    prefix = request.getfixturevalue(which)
+    for name in NAMES:
+        ours = read_indexed(f"{prefix}_{name}_document")
+        theirs = mc.IndexedDataset(f"{prefix}_{name}_document")
+        assert theirs.index.dtype == ours.dtype
+        np.testing.assert_array_equal(theirs.sequence_lengths, ours.lengths)
+        np.testing.assert_array_equal(theirs.document_indices, ours.doc_index)
+        assert len(theirs) == len(ours) == 24
+        for i in range(len(ours)):
+            np.testing.assert_array_equal(theirs[i], ours[i])
+
+
+def test_outputs_contract(cl100k_run, cl100k_json):
     prefix = cl100k_run
-    text = mc.IndexedDataset(f"{prefix}_text_document")
-    mask = mc.IndexedDataset(f"{prefix}_lossweight_document")
-    label = mc.IndexedDataset(f"{prefix}_label_document")
+    text = read_indexed(f"{prefix}_text_document")
+    mask = read_indexed(f"{prefix}_lossweight_document")
+    label = read_indexed(f"{prefix}_label_document")
     assert len(text) == 24
-    assert text.index.dtype == np.int32  # vocabulary > 65,500
-    assert mask.index.dtype == np.uint8 and label.index.dtype == np.int32
-    assert set(text.sequence_lengths.tolist()) == {T}
+    assert text.dtype == np.int32  # vocabulary > 65,500
+    assert mask.dtype == np.uint8 and label.dtype == np.int32
+    assert set(text.lengths.tolist()) == {T}
     for other in (mask, label):
-        np.testing.assert_array_equal(other.sequence_lengths, text.sequence_lengths)
-        np.testing.assert_array_equal(other.document_indices, text.document_indices)
+        np.testing.assert_array_equal(other.lengths, text.lengths)
+        np.testing.assert_array_equal(other.doc_index, text.doc_index)
     tok = load_tokenizer(cl100k_json)
     spans = pq.read_table(f"{prefix}_spans.parquet").to_pandas()
     chunks = pq.read_table(Path(f"{prefix}.work") / "chunks.parquet").to_pandas().set_index("chunk_id")
@@ -80,10 +112,9 @@ def test_outputs_read_back_with_megatron_core(cl100k_run, cl100k_json):
             assert (piece == (0 if r.role == "negative" else 1)).all()
         for _, r in meta.iterrows():  # meta-chunks decode to the source text
             assert tok.decode(ids[r.start : r.start + r.length]) == chunks.loc[r.chunk_id, "text"]
-        # negatives follow their meta-chunk in similarity order (top-k, head)
+        # negatives of each meta-chunk in similarity order (top-k); where they sit: test_negative_order_*
         for _, g in negs.groupby("meta_index"):
             assert (np.diff(g["similarity"].values) <= 1e-6).all()
-            assert (g["start"].values > meta[meta["meta_index"] == g["meta_index"].iloc[0]]["start"].values[0]).all()
 
 
 def test_same_seed_same_bytes_any_task_count_and_resume(tmp_path, docs_corpus, cl100k_json, cl100k_run):
@@ -106,11 +137,11 @@ def test_adaptive_retrieval_equals_full_candidate_lists(tmp_path, docs_corpus, c
     assert data_bytes(full) == data_bytes(cl100k_run)
 
 
-def test_uint16_tokenizer_and_paper_budget(tmp_path, docs_corpus, small_tokenizer_json):
-    prefix = run(tmp_path, docs_corpus, small_tokenizer_json, "--budget", "paper", "--negative-order", "tail")
-    text = mc.IndexedDataset(f"{prefix}_text_document")
-    assert text.index.dtype == np.uint16
-    assert set(text.sequence_lengths.tolist()) == {T}
+def test_uint16_tokenizer_and_paper_budget(uint16_run):
+    prefix = uint16_run
+    text = read_indexed(f"{prefix}_text_document")
+    assert text.dtype == np.uint16 and text.dtype_code == 8  # Megatron's code for uint16
+    assert set(text.lengths.tolist()) == {T}
     manifest = json.loads(Path(f"{prefix}_manifest.json").read_text())
     assert manifest["paper_budget"]["samples_overfilled"] >= 1
     assert manifest["tokenizer"]["token_dtype"] == "uint16"
@@ -181,3 +212,130 @@ def test_two_inputs_mixed_by_weight(tmp_path, docs_corpus, cl100k_json):
     assert set(negs["corpus"]) == {"a", "b"}  # both inputs are in the retrieval pool
     manifest = json.loads(Path(f"{prefix}_manifest.json").read_text())
     assert manifest["counts"]["documents_per_input"] == {"a": len(lines[::2]), "b": len(lines[1::2])}
+
+
+# ------------------------------------------------------------------ where the negatives land, on pipeline output
+
+
+@pytest.fixture(scope="module")
+def same_pool(cl100k_run, docs_corpus, cl100k_json):
+    """``spans(*flags, name=...)``: a run on cl100k_run's pool (its work directory: chunks, embeddings and
+    index are reused, only the synthesis is redone), as (spans table, pool embeddings)."""
+    work = Path(f"{cl100k_run}.work")
+    cache: dict[str, object] = {}
+
+    def spans(*flags: str, name: str):
+        if name not in cache:
+            prefix = run(cl100k_run.parent.parent, docs_corpus, cl100k_json, "--work-dir", str(work), *flags,
+                         name=name)
+            cache[name] = pq.read_table(f"{prefix}_spans.parquet").to_pandas().sort_values(["sample", "start"])
+        return cache[name]
+
+    spans.embeddings = np.load(work / "embeddings.npy", mmap_mode="r")
+    chunks = pq.read_table(work / "chunks.parquet", columns=["chunk_id", "corpus", "doc_id"]).to_pandas()
+    assert (chunks["chunk_id"].values == np.arange(len(chunks))).all() and len(chunks) == len(spans.embeddings)
+    spans.chunk_doc = (chunks["corpus"] + "/" + chunks["doc_id"]).values
+    return spans
+
+
+def extended_chunks(sample_spans) -> list[tuple[int, list]]:
+    """One sample's meta and negative spans in position order, cut where meta_index changes:
+    [(meta_index, [row, ...]), ...] with rows as namedtuples."""
+    out: list[tuple[int, list]] = []
+    for r in sample_spans[sample_spans["role"].isin(["meta", "negative"])].itertuples():
+        if not out or out[-1][0] != r.meta_index:
+            out.append((r.meta_index, []))
+        out[-1][1].append(r)
+    return out
+
+
+def check_layout(spans, emb, order: str) -> list[int]:
+    """Each extended chunk is one meta-chunk and its own negatives, contiguous, in meta-chunk order; the meta
+    sits first (head), last (tail) or anywhere (random). Returns the meta's position in every extended chunk."""
+    positions = []
+    for _, s in spans.groupby("sample"):
+        groups = extended_chunks(s)
+        assert [mi for mi, _ in groups] == list(range(len(groups)))  # no meta_index comes back after another
+        metas = [r.chunk_id for _, rows in groups for r in rows if r.role == "meta"]
+        assert len(metas) == len(groups)  # exactly one meta-chunk per extended chunk
+        assert metas == list(range(metas[0], metas[0] + len(metas)))  # the document's chunks, in order
+        for _, rows in groups:
+            at = next(k for k, r in enumerate(rows) if r.role == "meta")
+            meta = rows[at].chunk_id
+            negs = [r for r in rows if r.role == "negative"]
+            # "its own": each negative's stated similarity is its inner product with THIS meta-chunk
+            got = np.array([np.dot(emb[meta].astype(np.float32), emb[r.chunk_id].astype(np.float32)) for r in negs])
+            np.testing.assert_allclose([r.similarity for r in negs], got, atol=2e-3)
+            if order == "head":
+                assert at == 0
+            elif order == "tail":
+                assert at == len(rows) - 1
+            positions.append(at)
+    return positions
+
+
+def negative_lists(spans) -> dict[tuple[int, int], tuple[int, list[int]]]:
+    """(sample, meta_index) -> (meta chunk id, negative chunk ids in position order)."""
+    out = {}
+    for smp, s in spans.groupby("sample"):
+        for mi, rows in extended_chunks(s):
+            meta = next(r.chunk_id for r in rows if r.role == "meta")
+            out[(smp, mi)] = (meta, [r.chunk_id for r in rows if r.role == "negative"])
+    return out
+
+
+def test_negative_order_head_and_tail(same_pool):
+    head = same_pool(name="head")
+    assert set(check_layout(head, same_pool.embeddings, "head")) == {0}
+    tail = same_pool("--negative-order", "tail", name="tail")
+    check_layout(tail, same_pool.embeddings, "tail")
+    # the order moves the meta-chunk and nothing else: same meta-chunks, same negatives in the same order
+    assert negative_lists(tail) == negative_lists(head)
+    assert sum(len(n) > 0 for _, n in negative_lists(head).values()) >= 24
+
+
+def test_negative_order_random(same_pool):
+    head = same_pool(name="head")
+    rnd = same_pool("--negative-order", "random", name="random")
+    positions = check_layout(rnd, same_pool.embeddings, "random")
+    assert negative_lists(rnd) == negative_lists(head)
+    # seeded: the same seed puts every meta-chunk at the same place
+    again = same_pool("--negative-order", "random", name="random_again")
+    assert check_layout(again, same_pool.embeddings, "random") == positions
+    # random: first, last and in between all occur, and the samples do not share one pattern
+    sizes = [len(rows) for s in (rnd[rnd["sample"] == i] for i in sorted(set(rnd["sample"])))
+             for _, rows in extended_chunks(s)]
+    assert any(a == 0 for a in positions) and any(a == n - 1 for a, n in zip(positions, sizes, strict=True))
+    assert any(0 < a < n - 1 for a, n in zip(positions, sizes, strict=True))
+    first = [extended_chunks(s)[0] for _, s in rnd.groupby("sample")]
+    assert len({next(k for k, r in enumerate(rows) if r.role == "meta") for _, rows in first}) > 1
+
+
+def test_random_retrieved_draws_from_the_retrieved_set(same_pool):
+    k = 64
+    head = same_pool(name="head")
+    rr = same_pool("--negative-selection", "random-retrieved", "--candidates", str(k), name="random_retrieved")
+    check_layout(rr, same_pool.embeddings, "head")
+    emb = same_pool.embeddings
+    negs = rr[rr["role"] == "negative"]
+    assert len(negs) >= 24
+    pool = np.asarray(emb, dtype=np.float32)
+    ordered, groups = 0, 0
+    for _, s in rr.groupby("sample"):
+        for _, rows in extended_chunks(s):
+            meta = next(r.chunk_id for r in rows if r.role == "meta")
+            sims = pool @ pool[meta]
+            # the retrieved set: the k most similar chunks of other documents (exact search; Flat index)
+            kth = np.sort(sims[same_pool.chunk_doc != same_pool.chunk_doc[meta]])[::-1][k - 1]
+            ranks = [r.rank for r in rows if r.role == "negative"]
+            for r in rows:
+                if r.role == "negative":
+                    assert sims[r.chunk_id] >= kth - 2e-3, (r.chunk_id, sims[r.chunk_id], kth)
+            if len(ranks) >= 3:
+                groups += 1
+                ordered += ranks == sorted(ranks)
+    # drawn at random from the set, not taken in rank order (top-k takes them in rank order)
+    assert groups >= 10 and ordered <= groups // 4, (ordered, groups)
+    top = head[head["role"] == "negative"]
+    assert all(g["rank"].is_monotonic_increasing for _, g in top.groupby(["sample", "meta_index"]))
+    assert negs["rank"].mean() > 2 * top["rank"].mean()
