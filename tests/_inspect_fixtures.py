@@ -1,9 +1,12 @@
 """Tiny synthesized datasets in the documented output format, built without the synthesis pipeline.
 
-Used by the tests of the verifier, the stats report and the sample viewer: a BPE tokenizer is trained
-on the fixture's own text, chunks are embedded with a seeded bag-of-words projection, and samples are
-assembled the NExtLong way (meta-chunk, then its most similar chunks of other documents) or the
-Standard way (whole random documents), exactly ``target_length`` tokens each.
+Used by the tests of the verifier, the stats report and the sample viewer, beside the tests of the same tools
+on real pipeline output (the ``pipeline_run`` fixture in conftest.py): here every number is known from the
+construction. A BPE tokenizer is trained on the fixture's own text, chunks are embedded with a seeded
+bag-of-words projection, and samples are assembled the NExtLong way (meta-chunk, then its most similar chunks of
+other documents, none used twice in a sample) or the Standard way (whole random documents), exactly
+``target_length`` tokens each. The manifest holds only keys the pipeline writes, with the pipeline's names for
+stages, drop reasons and reject records.
 """
 
 from __future__ import annotations
@@ -29,8 +32,6 @@ TOPICS = {
     "economics": "market price demand supply inflation trade tax money bank policy",
     "chemistry": "atom molecule bond reaction acid electron solution gas element compound",
 }
-#: The shared real-text corpora, next to the project checkout (absent on a fresh machine).
-SHARED_DATA = REPO.parent / "shared" / "data"
 FILLER = ["the", "a", "of", "and", "in", "is", "to", "that", "which", "with", "for", "this", "are", "by", "on",
           "as", "we"]
 
@@ -107,6 +108,10 @@ def build_dataset(
     out_dir.mkdir(parents=True, exist_ok=True)
     prefix = out_dir / name
     docs = make_documents(seed=seed)
+    # one document longer than any sample: in the pool, and dropped as a meta-document (as the pipeline does)
+    long_text = "\n\n".join(d["text"] for d in docs[:6])
+    docs.append({"corpus": "web", "doc_id": f"doc{len(docs)}", "text": long_text})
+    long_doc = len(docs) - 1
     tok_path = train_tokenizer([d["text"] for d in docs], out_dir / f"{name}_tokenizer.json")
     from tokenizers import Tokenizer
 
@@ -140,7 +145,9 @@ def build_dataset(
     for cid, r in enumerate(chunk_rows):
         doc_chunks.setdefault(r["doc_id"], []).append(cid)
     rng = np.random.default_rng(seed)
-    order = rng.permutation(len(docs))
+    order = [long_doc] + [int(d) for d in rng.permutation(len(docs)) if d != long_doc]
+    dropped: dict[str, int] = {}
+    next_meta = 0
     dtype = token_dtype_for_vocab(tok.get_vocab_size())
     span_cols: dict[str, list] = {k: [] for k in (
         "sample", "span", "start", "length", "role", "meta_index", "corpus", "doc_id", "chunk_id", "rank",
@@ -167,22 +174,28 @@ def build_dataset(
                 if sum(len(p["ids"]) for p in pieces) >= budget:
                     break
         else:
-            meta_doc = docs[order[s % len(docs)]]["doc_id"]
-            metas = doc_chunks[meta_doc]
+            while True:  # the next meta-document that fits in a sample; longer ones are dropped and counted
+                meta_doc = docs[order[next_meta]]["doc_id"]
+                next_meta += 1
+                metas = doc_chunks[meta_doc]
+                if sum(len(ids[c]) for c in metas) + len(sep_ids) * (len(metas) - 1) <= budget - 1:
+                    break
+                dropped["meta_document_longer_than_target"] = dropped.get("meta_document_longer_than_target", 0) + 1
             share = budget // len(metas)
+            used = set(metas)  # no chunk twice in a sample
             for mi, cid in enumerate(metas):
                 add_chunk(cid, "meta", mi)
                 sims = emb @ emb[cid]
-                cand = [int(j) for j in np.argsort(-sims) if chunk_rows[int(j)]["doc_id"] != meta_doc]
+                ranked = [int(j) for j in np.argsort(-sims, kind="stable")]
+                cand = [(r, j) for r, j in enumerate(ranked) if chunk_rows[j]["doc_id"] != meta_doc]
                 if selection == "tailk":
                     cand = cand[::-1]
-                rank = 0
+                cand = iter(cand)
                 while sum(len(p["ids"]) for p in pieces) < share * (mi + 1) or (
                         mi == len(metas) - 1 and sum(len(p["ids"]) for p in pieces) < budget):
-                    j = cand[rank % len(cand)]
-                    add_chunk(j, "negative", mi, rank if selection == "topk" else len(cand) - 1 - rank,
-                              float(sims[j]))
-                    rank += 1
+                    rank, j = next((r, j) for r, j in cand if j not in used)  # StopIteration: pool too small
+                    used.add(j)
+                    add_chunk(j, "negative", mi, rank, float(sims[j]))
         # cut to exactly target_length - 1, then EOS
         out_pieces, used = [], 0
         for p in pieces:
@@ -245,20 +258,30 @@ def build_dataset(
     }), f"{prefix}_spans.parquet")
     import hashlib
 
+    # the input had one more line, an empty document, rejected while reading (the pipeline's reject record)
+    per_input = {c: sum(d["corpus"] == c for d in docs) for c in ("books", "web")}
+    reject = {"reason": "empty_document", "where": f"web.jsonl:{per_input['web'] + 1}", "detail": ""}
     manifest = {
-        "config": {"target_length": target_length, "granularity": granularity, "tokenizer": str(tok_path),
-                   "embedder": "fixture-bow", "seed": seed, "method": method, "negative_selection": selection,
-                   "negative_order": "head"},
+        "format": "nextlong-neox/1 (docs/format.md)",
+        "config": {"inputs": ["books.jsonl", "web.jsonl"], "input_names": list(per_input), "mix": None,
+                   "output_prefix": str(prefix), "tokenizer": str(tok_path),
+                   "target_length": target_length, "granularity": granularity, "embedder": "hashing",
+                   "embedding_dim": emb.shape[1], "separator": "\n\n", "budget": "exact", "method": method,
+                   "negative_order": "head", "negative_selection": selection, "max_samples": n_samples,
+                   "seed": seed, "emit_labels": emit_labels},
+        "seed": seed,
         "tokenizer": {"spec": tok_path.name, "sha256": hashlib.sha256(tok.to_str().encode()).hexdigest(),
-                      "vocab_size": tok.get_vocab_size(), "bos_id": bos, "eos_id": eos},
-        "counts": {"documents_in": len(docs) + 2, "samples_out": n_samples, "tokens_out": total_tokens,
-                   "dropped": {"empty_text": 1, "too_short": 1}},
+                      "vocab_size": tok.get_vocab_size(), "bos_token": "<s>", "bos_id": bos, "eos_token": "</s>",
+                      "eos_id": eos, "separator_ids": sep_ids, "token_dtype": np.dtype(dtype).name},
         "files": {"text": f"{name}_text_document", "lossweight": f"{name}_lossweight_document",
                   "label": f"{name}_label_document" if emit_labels else None, "spans": f"{name}_spans.parquet",
-                  "work_dir": f"{name}.work"},
-        "stage_seconds": {"read": 0.1, "embed": 0.2, "synthesize": 0.3},
+                  "rejects": f"{name}_rejects.jsonl", "work_dir": f"{name}.work"},
+        "counts": {"documents_in": len(docs), "documents_per_input": per_input,
+                   "inputs_rejected": {"empty_document": 1}, "chunks": len(texts),
+                   "samples_out": n_samples, "tokens_out": total_tokens, "dropped": dropped},
+        "stage_seconds": {"chunk": 0.1, "embed": 0.2, "gather": 0.01, "index": 0.01, "synthesize": 0.3,
+                          "merge": 0.01},
     }
     Path(f"{prefix}_manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")
-    Path(f"{prefix}_rejects.jsonl").write_text(
-        '{"file": "x.jsonl", "line": 3, "reason": "empty_text"}\n', encoding="utf-8")
+    Path(f"{prefix}_rejects.jsonl").write_text(json.dumps(reject) + "\n", encoding="utf-8")
     return prefix

@@ -68,3 +68,24 @@ def small_tokenizer_json(tmp_path_factory, docs_corpus) -> Path:
     path = tmp_path_factory.mktemp("tok_small") / "tokenizer.json"
     tok.save(str(path))
     return path
+
+
+@pytest.fixture(scope="session")
+def pipeline_run(tmp_path_factory, docs_corpus, small_tokenizer_json) -> Path:
+    """Real pipeline output, made once per session: ~100 documents of real prose plus one empty record (rejected
+    while reading), the 4,000-token BPE, 8 samples of 1,024 tokens with labels. Returns the output prefix; the
+    run's folder holds nothing else. Tests copy it before changing anything."""
+    from nextlong.cli import main
+
+    root = tmp_path_factory.mktemp("pipeline_run")
+    corpus = root / "input" / "prose.jsonl"
+    corpus.parent.mkdir()
+    lines = docs_corpus.read_text(encoding="utf-8").splitlines(keepends=True)[:100]
+    corpus.write_text("".join(lines[:50]) + json.dumps({"id": "blank", "text": ""}) + "\n" + "".join(lines[50:]),
+                      encoding="utf-8")
+    prefix = root / "run" / "nl"
+    rc = main(["--input", str(corpus), "--tokenizer", str(small_tokenizer_json), "--bos-token", "<s>",
+               "--eos-token", "</s>", "--output-prefix", str(prefix), "--target-length", "1024", "--granularity",
+               "400", "--max-samples", "8", "--seed", "5", "--emit-labels", "--no-verify", "--no-progress"])
+    assert rc == 0
+    return prefix

@@ -44,7 +44,7 @@ def test_collect_numbers(runs: dict[str, Path]) -> None:
     assert n["documents_per_sample"]["max"] == 1  # one meta-document per sample
     assert n["negatives"] > 0 and n["negatives_without_meta"] == 0
     assert abs(sum(n["token_share"].values()) - 1) < 1e-9
-    assert n["dropped"] == {"empty_text": 1, "too_short": 1}
+    assert n["dropped"] == {"meta_document_longer_than_target": 1, "input: empty_document": 1}
     # the fixture states the same inner products the report recomputes from embeddings.npy
     np.testing.assert_allclose(np.sort(st.dist["similarity_stated"]), np.sort(st.dist["similarity_meta_negative"]),
                                atol=1e-5)

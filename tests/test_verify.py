@@ -1,5 +1,6 @@
 """The dataset verifier: a clean run passes, and each kind of corruption is caught by the right check
-with a message naming the file and the sample."""
+with a message naming the file and the sample. Every test runs twice: on the hand-made fixture
+(_inspect_fixtures.py) and on real pipeline output (the ``pipeline_run`` fixture)."""
 
 from __future__ import annotations
 
@@ -16,9 +17,17 @@ from nextlong.indexed import IndexedDatasetWriter, read_indexed
 from nextlong.verify import normalize_prefix, read_spans, verify_dataset
 
 
-@pytest.fixture(scope="module")
-def clean(tmp_path_factory) -> Path:
+@pytest.fixture(scope="module", params=["fixture", "pipeline"])
+def clean(request, tmp_path_factory) -> Path:
+    if request.param == "pipeline":
+        return request.getfixturevalue("pipeline_run")
     return build_dataset(tmp_path_factory.mktemp("clean"), "run")
+
+
+def shape(prefix: Path) -> tuple[int, int]:
+    """(samples, tokens per sample) the run's manifest states."""
+    man = json.loads(Path(f"{prefix}_manifest.json").read_text())
+    return man["counts"]["samples_out"], man["config"]["target_length"]
 
 
 @pytest.fixture
@@ -64,12 +73,14 @@ def rewrite(prefix: str, dtype=None, change=None) -> None:
 
 
 def test_clean_run_passes(clean: Path) -> None:
+    n, t = shape(clean)
+    assert n >= 4 and t >= 300
     res = verify_dataset(clean, decode=2)
     assert res.ok, res.summary()
     assert set(res.checks.values()) == {"ok"}
     assert len(res.decoded) == 2 and res.decoded[0]["head"].startswith("<s>")
     assert all(d["chunk_spans_checked"] > 0 for d in res.decoded)
-    assert res.stats["samples"] == 4 and res.stats["tokens"] == 4 * 300
+    assert res.stats["samples"] == n and res.stats["tokens"] == n * t
 
 
 def test_prefix_from_any_file_name(clean: Path) -> None:
@@ -129,7 +140,8 @@ def test_mask_with_different_item_count(ds: Path) -> None:
     rewrite(f"{ds}_lossweight_document", change=shorten)
     res = verify_dataset(ds)
     msgs = failing(res, "document_index")
-    assert f"{ds}_lossweight_document.idx: sample 2 has 299 items, the text has 300" in msgs, msgs
+    t = shape(ds)[1]
+    assert f"{ds}_lossweight_document.idx: sample 2 has {t - 1} items, the text has {t}" in msgs, msgs
     assert res.checks["labels"].startswith("skipped")
 
 
@@ -193,7 +205,8 @@ def test_sample_length_and_counts(ds: Path) -> None:
     man["counts"]["samples_out"] = 5
     m.write_text(json.dumps(man))
     res = verify_dataset(ds)
-    assert f"{ds}_text_document.bin: sample 0 has 300 tokens, target_length is 512" in failing(res, "sample_length")
+    n_tok = read_indexed(f"{ds}_text_document").lengths[0]
+    assert f"{ds}_text_document.bin: sample 0 has {n_tok} tokens, target_length is 512" in failing(res, "sample_length")
     assert any("counts.samples_out = 5" in x for x in failing(res, "manifest_counts"))
 
 
@@ -215,9 +228,10 @@ def test_decode_detects_wrong_chunk_tokens(ds: Path) -> None:
     sp = read_spans(Path(f"{ds}_spans.parquet"))
     r = int(np.flatnonzero((sp["sample"] == 0) & (sp["role"] == "meta"))[0])
     tok = int(sp["start"][r]) + 1
+    new = 3 if read_indexed(f"{ds}_text_document")[0][tok] != 3 else 4
     for name in ("text", "label"):
-        patch(f"{ds}_{name}_document", 0, tok, 3)
-    res = verify_dataset(ds, decode=4)  # all four samples
+        patch(f"{ds}_{name}_document", 0, tok, new)
+    res = verify_dataset(ds, decode=shape(ds)[0])  # every sample
     msgs = failing(res, "decode")
     assert any(m.startswith(f"{ds}_text_document.bin: sample 0, span {int(sp['span'][r])} (meta") for m in msgs)
     assert verify_dataset(ds).ok  # without decoding the contract itself holds
@@ -235,8 +249,9 @@ def test_missing_files(ds: Path) -> None:
 def test_failure_cap(ds: Path) -> None:
     rewrite(f"{ds}_lossweight_document", change=lambda seqs: [np.full_like(s, 3) for s in seqs])
     res = verify_dataset(ds, max_failures=2)
-    assert res.checks["mask_values"] == "FAILED (4 problems)"
-    assert any("2 more problem(s) not listed" in m for m in res.failures)
+    n = shape(ds)[0]  # one problem per sample
+    assert res.checks["mask_values"] == f"FAILED ({n} problems)"
+    assert any(f"{n - 2} more problem(s) not listed" in m for m in res.failures)
 
 
 def test_cli_exit_codes(clean: Path, ds: Path, capsys) -> None:
@@ -276,5 +291,5 @@ def test_chunk_texts_read_by_row_group(ds: Path) -> None:
     got = read_chunk_rows(path, ids, ["text", "doc_id"])
     texts = table.column("text").to_pylist()
     assert {k: v["text"] for k, v in got.items()} == {i: texts[i] for i in ids}
-    res = verify_dataset(ds, decode=4)
+    res = verify_dataset(ds, decode=shape(ds)[0])
     assert res.ok and all(d["chunk_spans_checked"] > 0 for d in res.decoded)

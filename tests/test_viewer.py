@@ -14,7 +14,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from _inspect_fixtures import REPO, SHARED_DATA, build_dataset, make_documents
+from _inspect_fixtures import REPO, build_dataset, make_documents
 from nextlong.viewer import ROLE_COLOURS, load_sample, render_sample, write_sample_html
 
 
@@ -156,11 +156,6 @@ def _pipeline(argv: list[str]) -> int:
     return main(argv)
 
 
-def _have_pipeline() -> bool:
-    return (REPO / "preprocessing" / "nextlong" / "cli.py").exists()
-
-
-@pytest.mark.skipif(not _have_pipeline(), reason="synthesis pipeline not present")
 def test_end_to_end_fixture_corpus(tmp_path: Path) -> None:
     """The synthesis pipeline on a small corpus: its output verifies (with decoding), reports and views."""
     from _inspect_fixtures import train_tokenizer
@@ -189,13 +184,11 @@ def test_end_to_end_fixture_corpus(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not _have_pipeline(), reason="synthesis pipeline not present")
-@pytest.mark.skipif(not (SHARED_DATA / "openstax_textbooks.jsonl.gz").exists(), reason="shared corpora absent")
-def test_end_to_end_real_text_methods(tmp_path: Path) -> None:
+def test_end_to_end_real_text_methods(tmp_path: Path, openstax_path: Path) -> None:
     """NExtLong vs Standard vs KNN on real text: all verify, and the report tells them apart."""
     pytest.importorskip("tiktoken_ext")
     corpus = tmp_path / "openstax.jsonl"
-    with gzip.open(SHARED_DATA / "openstax_textbooks.jsonl.gz", "rt", encoding="utf-8") as f:
+    with gzip.open(openstax_path, "rt", encoding="utf-8") as f:
         corpus.write_text("".join(itertools.islice(f, 150)), encoding="utf-8")
     prefixes = []
     for method in ("nextlong", "standard", "knn"):
