@@ -1,5 +1,5 @@
-"""The stats report: numbers match the fixture's construction, comparisons separate the methods, and the
-page is self-contained."""
+"""The stats report: numbers match the fixture's construction and, on real pipeline output, what the files
+themselves say; comparisons separate the methods, and the page is self-contained."""
 
 from __future__ import annotations
 
@@ -16,6 +16,8 @@ from _inspect_fixtures import REPO, build_dataset
 
 pytest.importorskip("matplotlib")
 
+import pyarrow.parquet as pq  # noqa: E402
+from nextlong.indexed import read_indexed  # noqa: E402
 from nextlong.report import collect, summarize, write_report  # noqa: E402
 
 
@@ -112,3 +114,73 @@ def test_cli(runs: dict[str, Path], tmp_path: Path) -> None:
     assert str(tmp_path / "cli.html") in r.stdout
     doc = json.loads((tmp_path / "cli.json").read_text())
     assert [x["label"] for x in doc["runs"]] == ["NExtLong", "Standard"]
+
+
+# ------------------------------------------------------------------------------------ real pipeline output
+
+
+def test_numbers_on_pipeline_output(pipeline_run: Path) -> None:
+    """Every number checked here is recomputed from the run's own files, not from the report's code."""
+    man = json.loads(Path(f"{pipeline_run}_manifest.json").read_text())
+    n_samples, t = man["counts"]["samples_out"], man["config"]["target_length"]
+    spans = pq.read_table(f"{pipeline_run}_spans.parquet").to_pandas()
+    mask = read_indexed(f"{pipeline_run}_lossweight_document")
+    st = collect(pipeline_run)
+    n = st.numbers
+    assert n["samples"] == n_samples == len(mask) and n["tokens"] == n_samples * t
+    assert n["sample_length"]["min"] == n["sample_length"]["max"] == t
+    assert n["documents_per_sample"]["max"] == 1
+    assert n["negatives"] == int((spans["role"] == "negative").sum()) > 0
+    assert n["negatives_without_meta"] == 0
+    neg_share = float(np.mean([(mask[i] == 0).mean() for i in range(len(mask))]))
+    assert abs(n["token_share"]["negative"] - neg_share) < 1e-9
+    assert abs(sum(n["token_share"].values()) - 1) < 1e-9
+    assert man["counts"]["inputs_rejected"] == {"empty_document": 1}  # the blank record of the input
+    assert n["dropped"] == {**man["counts"]["dropped"], "input: empty_document": 1}
+    # the similarities the pipeline states equal the inner products of the pool's embeddings
+    np.testing.assert_allclose(np.sort(st.dist["similarity_stated"]), np.sort(st.dist["similarity_meta_negative"]),
+                               atol=2e-3)
+    assert n["similarity_meta_negative"]["p50"] > n["similarity_random_pairs"]["p50"]  # hard negatives
+    assert n["meta_position_in_extended_chunk"]["max"] == 0  # head order
+    assert n["leak_indicators"]["negative_from_same_document"] == 0
+    assert n["leak_indicators"]["negative_is_its_meta_chunk"] == 0
+    assert set(n["stage_seconds"]) == set(man["stage_seconds"])
+
+
+def test_report_page_on_pipeline_output(pipeline_run: Path, runs: dict[str, Path], tmp_path: Path) -> None:
+    out = write_report(pipeline_run, [runs["standard"]], names=["pipeline", "fixture-standard"],
+                       output=tmp_path / "real")
+    page = out.html.read_text()
+    assert "all checks pass" in page and "<script" not in page
+    doc = json.loads(out.json.read_text())
+    assert doc["runs"][0]["verify"]["ok"] is True, doc["runs"][0]["verify"]["failures"]
+    assert doc["runs"][0]["config"]["method"] == "nextlong"
+
+
+def _key_paths(d: dict, prefix: str = "") -> set[str]:
+    """Key paths of nested dicts; dicts keyed by data (input names, reasons) count as leaves."""
+    out = set()
+    for k, v in d.items():
+        path = f"{prefix}{k}"
+        out.add(path)
+        if isinstance(v, dict) and k not in ("documents_per_input", "inputs_rejected", "dropped", "stage_seconds"):
+            out |= _key_paths(v, path + ".")
+    return out
+
+
+def test_fixture_writes_only_what_the_pipeline_writes(pipeline_run: Path, runs: dict[str, Path]) -> None:
+    real = json.loads(Path(f"{pipeline_run}_manifest.json").read_text())
+    for prefix in runs.values():
+        fake = json.loads(Path(f"{prefix}_manifest.json").read_text())
+        assert _key_paths(fake) <= _key_paths(real), _key_paths(fake) - _key_paths(real)
+        assert set(fake["stage_seconds"]) <= set(real["stage_seconds"])
+        fake_rej = [json.loads(x) for x in Path(f"{prefix}_rejects.jsonl").read_text().splitlines()]
+        real_rej = [json.loads(x) for x in Path(f"{pipeline_run}_rejects.jsonl").read_text().splitlines()]
+        assert {r["reason"] for r in fake_rej} <= {r["reason"] for r in real_rej}
+        assert all(set(r) == set(real_rej[0]) for r in fake_rej)
+        spans = pq.read_table(f"{prefix}_spans.parquet")
+        assert spans.schema.names == pq.read_schema(f"{pipeline_run}_spans.parquet").names
+        sp = spans.to_pandas()
+        for _, g in sp[sp["role"].isin(["meta", "negative"])].groupby("sample"):
+            if (g["role"] == "negative").any():  # no chunk twice in a sample, as in the pipeline
+                assert g["chunk_id"].is_unique
