@@ -1,4 +1,5 @@
-"""Install with ``pip install torch==2.13.0 && pip install -e ".[dev]"`` (see README.md)."""
+"""Install PyTorch first in the build the machine needs (CPU or CUDA), then ``pip install -e ".[dev]"``: see the
+Quick start in README.md."""
 
 import os
 from pathlib import Path
@@ -43,7 +44,7 @@ setup(
         "scipy>=1.10",
     ],
     extras_require={
-        # torch must be installed first (pip install torch==2.13.0) so pip does not pull a CUDA build.
+        # Install torch first in the build you need (README, Quick start): on Linux, PyPI's default is the CUDA one.
         "torch": ["torch>=2.1"],
         "megatron": ["megatron-core==0.16.1"],
         "st": ["sentence-transformers>=3"],

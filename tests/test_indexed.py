@@ -6,8 +6,13 @@ import numpy as np
 import pytest
 from nextlong.indexed import IndexedDatasetWriter, IndexedFormatError, read_indexed
 
-mc = pytest.importorskip("megatron.core.datasets.indexed_dataset")
-torch = pytest.importorskip("torch")
+
+@pytest.fixture
+def mc():
+    """megatron-core's indexed_dataset module; only the tests that compare with it skip without it."""
+    pytest.importorskip("torch")
+    return pytest.importorskip("megatron.core.datasets.indexed_dataset",
+                               reason='megatron-core is not installed: pip install -e ".[megatron]"')
 
 
 def _docs(seed: int, n: int, hi: int) -> list[np.ndarray]:
@@ -16,7 +21,9 @@ def _docs(seed: int, n: int, hi: int) -> list[np.ndarray]:
 
 
 @pytest.mark.parametrize("dtype,hi", [(np.uint16, 65000), (np.int32, 128256), (np.uint8, 2)])
-def test_bytes_equal_megatron_core_builder(tmp_path, dtype, hi):
+def test_bytes_equal_megatron_core_builder(tmp_path, dtype, hi, mc):
+    import torch  # megatron-core's builder takes tensors; the mc fixture checked it imports
+
     docs = _docs(0, 37, hi)
     with IndexedDatasetWriter(tmp_path / "ours", dtype) as w:
         for d in docs:
@@ -30,7 +37,7 @@ def test_bytes_equal_megatron_core_builder(tmp_path, dtype, hi):
         assert (tmp_path / f"ours.{ext}").read_bytes() == (tmp_path / f"theirs.{ext}").read_bytes()
 
 
-def test_megatron_core_reads_what_we_write(tmp_path):
+def test_megatron_core_reads_what_we_write(tmp_path, mc):
     docs = _docs(1, 20, 100000)
     with IndexedDatasetWriter(tmp_path / "d", np.int32) as w:
         for d in docs:
