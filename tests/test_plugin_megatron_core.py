@@ -9,6 +9,9 @@ import pytest
 import torch
 
 REPO = Path(__file__).resolve().parents[1]
+# every test here builds datasets with megatron-core itself
+pytest.importorskip("megatron.core.datasets.blended_megatron_dataset_builder",
+                    reason='megatron-core is not installed: pip install -e ".[megatron]"')
 
 from nextlong.indexed import IndexedDatasetWriter  # noqa: E402
 
