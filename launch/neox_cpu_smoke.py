@@ -29,6 +29,7 @@ import glob
 import logging
 import os
 import re
+import socket
 import subprocess
 import sys
 import time
@@ -65,6 +66,13 @@ def make_data(work: Path, target_length: int, max_samples: int) -> tuple[Path, s
         logger.info("synthesizing: %s", " ".join(cmd))
         subprocess.run(cmd, check=True, cwd=work)
     return tok, text, mask
+
+
+def free_port() -> int:
+    """A TCP port free right now (the run's torch.distributed rendezvous; 29500 may be taken by another run)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 def neox_env(neox_python: str, dump_dir: Path | None) -> dict[str, str]:
@@ -154,7 +162,8 @@ def main(argv: list[str] | None = None) -> int:
     tok, text, mask = make_data(work, args.target_length, args.max_samples)
     paths = {"train_data_paths": [text], "valid_data_paths": [text], "test_data_paths": [text],
              "train_data_weights": [1.0], "valid_data_weights": [1.0], "test_data_weights": [1.0],
-             "vocab_file": str(tok), "save": str(run / "checkpoints"), "log_dir": str(run / "logs")}
+             "vocab_file": str(tok), "save": str(run / "checkpoints"), "log_dir": str(run / "logs"),
+             "master_port": free_port()}
     (run / "paths.yml").write_text(yaml.safe_dump(paths), encoding="utf-8")
     cmd = [args.neox_python, "deepy.py", "train.py", str(TINY), str(run / "paths.yml")]
     logger.info("training: cd %s && NEXTLONG_NEOX_CPU=1 %s", args.gpt_neox, " ".join(cmd))

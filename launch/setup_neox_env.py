@@ -208,7 +208,9 @@ def build(args: argparse.Namespace) -> int:
     if _same_release(have, args.torch):
         print(f"# torch {have} is importable in the new environment", flush=True)
     else:
-        if sys.prefix != sys.base_prefix and _same_release(torch_version_in(Path(sys.executable)), args.torch):
+        if args.dry_run:
+            print(f"# (only if the new environment cannot import torch {args.torch})", flush=True)
+        elif sys.prefix != sys.base_prefix and _same_release(torch_version_in(Path(sys.executable)), args.torch):
             print(f"# torch of {sys.prefix} is not visible to the new venv (--system-site-packages exposes only "
                   f"{sys.base_prefix}): installing it there", flush=True)
         cmd = pip + [f"torch=={args.torch}"]

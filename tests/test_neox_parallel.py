@@ -25,7 +25,6 @@ import importlib.util
 import json
 import os
 import re
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -53,12 +52,6 @@ def _smoke():
     return mod
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory) -> dict:
     smoke = _smoke()
@@ -78,7 +71,7 @@ def _train(d: dict, name: str, ranks: int, **changes) -> dict:
     cfg.update(changes)
     cfg.update({"train_data_paths": [d["text"]], "valid_data_paths": [d["text"]], "test_data_paths": [d["text"]],
                 "train_data_weights": [1.0], "valid_data_weights": [1.0], "test_data_weights": [1.0],
-                "vocab_file": str(d["tok"]), "log_dir": str(run / "logs"), "master_port": _free_port()})
+                "vocab_file": str(d["tok"]), "log_dir": str(run / "logs"), "master_port": d["smoke"].free_port()})
     cfg.setdefault("save", str(run / "checkpoints"))
     (run / "config.yml").write_text(yaml.safe_dump(cfg))
     env = d["smoke"].neox_env(NEOX_PYTHON, run / "dump")
