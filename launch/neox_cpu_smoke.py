@@ -156,6 +156,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     import yaml
 
+    args.neox_python = os.path.abspath(args.neox_python)  # not resolve(): a venv's python is a symlink
+    args.gpt_neox = args.gpt_neox.resolve()
     work = args.workdir.resolve()
     run = work / f"run-{time.strftime('%Y%m%d-%H%M%S')}"
     run.mkdir(parents=True)

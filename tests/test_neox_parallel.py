@@ -6,7 +6,10 @@ tokenizer (``launch/neox_cpu_smoke.py``'s ``make_data``). Every run trains ``con
 ``use_cpu_initialization: true`` (GPT-NeoX then builds each weight whole from the seed and gives every
 tensor-parallel rank its slice, so the TP 2 model equals the TP 1 model) for 2 steps.
 
-* **TP 2** (``model_parallel_size: 2``): the step-1 loss equals the single-rank run's. On each of the two
+* **TP 2** (``model_parallel_size: 2``): the step-1 loss equals the single-rank run's. Both runs use
+  ``activation: gelu`` instead of the tiny config's SwiGLU: GPT-NeoX's gated MLP chunks *each rank's slice* of
+  ``linear1`` into value and gate halves, so under TP 2 the same master weights pair other rows than under TP 1
+  and the two models are different functions (a property of GPT-NeoX's layout, not of the loss). On each of the two
   ranks the labels and weights the loss received equal the ones cut here from the ``.bin`` files (mask shifted
   like the labels), and the two vocabulary halves of the logits, put together, recompute the logged loss.
 * **PP 2** (``pipe_parallel_size: 2``, one layer per stage): DeepSpeed's ``PipelineModule`` builds only the
@@ -128,8 +131,8 @@ def _check_rank_dumps(d: dict, r: dict, loss_ranks: list[int]) -> float:
 
 
 def test_tensor_parallel_2_equals_single_rank(data: dict, capsys) -> None:
-    one = _train(data, "tp1", 1)
-    two = _train(data, "tp2", 2, model_parallel_size=2)
+    one = _train(data, "tp1", 1, activation="gelu")
+    two = _train(data, "tp2", 2, model_parallel_size=2, activation="gelu")
     again = _check_rank_dumps(data, two, [0, 1])
     with capsys.disabled():
         print(f"\n[neox parallel] TP1 losses {one['losses']} | TP2 losses {two['losses']} | "
