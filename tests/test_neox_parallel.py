@@ -18,9 +18,10 @@ tensor-parallel rank its slice, so the TP 2 model equals the TP 1 model) for 2 s
   DeeperSpeed 91d1c55b on CPU, for two reasons seen here: (1) DeepSpeed's ``PipelineModule`` builds only its
   stage's layers and GPT-NeoX passes ``seed_layers=False``, so stage 1's initial weights come from another part
   of the random stream than in a single process; (2) starting both runs from one checkpoint with weights only
-  (``finetune: true``, or ``no_load_optim``) stops in ``deepspeed/runtime/engine.py`` with
-  ``AttributeError: 'FusedAdam' object has no attribute 'refresh_fp32_params'`` (fp32 without ZeRO, the only
-  optimizer set-up that runs on CPU here). The single-rank ``pipe_parallel_size: 1`` run is printed beside it.
+  (``finetune: true``) stopped in ``deepspeed/runtime/engine.py`` with ``AttributeError: 'FusedAdam' object has
+  no attribute 'refresh_fp32_params'`` (fp32 without ZeRO, the set-up that runs on CPU here; ``no_load_optim``
+  takes the same ``load_module_only`` path in ``megatron/checkpointing.py``). The single-rank
+  ``pipe_parallel_size: 1`` run is printed beside it.
 * TP 2 x PP 2 needs 4 processes, more than this CPU test runs; the recipes' TP 4 / TP 8 x PP 2 need GPUs.
 """
 
