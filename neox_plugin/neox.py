@@ -30,7 +30,8 @@ The attention-mask patch is governed by ``nextlong_compact_attention_mask`` alon
 or without ``nextlong_lossweight``); see :func:`placeholder_attention_mask`.
 
 Set ``NEXTLONG_DEBUG_DUMP_DIR`` to save the logits, labels and weights of the first
-``NEXTLONG_DEBUG_DUMP_CALLS`` (default 2) loss calls on global rank 0 (used by the integration test).
+``NEXTLONG_DEBUG_DUMP_CALLS`` (default 2) loss calls on global rank 0 (used by the integration test); with
+``NEXTLONG_DEBUG_DUMP_ALL_RANKS=1`` every rank that computes the loss saves its own (``..._rank<r>.pt``).
 """
 
 import dataclasses
@@ -42,7 +43,7 @@ import re
 import threading
 from typing import Any, Literal
 
-from neox_plugin import _hook
+from neox_plugin._targets import TARGETS
 from neox_plugin.config import (
     COMPACT_MASK_KEY,
     KEY_DEFAULTS,
@@ -58,7 +59,7 @@ logger = logging.getLogger(__name__)
 #: Patch that must be in place before training with ``nextlong_compact_attention_mask: true``.
 COMPACT_MASK_PATCH = "megatron.utils"
 #: Patches that must all be in place before training with the plugin: every hooked module but the mask one.
-REQUIRED_PATCHES = tuple(sorted(_hook.TARGETS - {COMPACT_MASK_PATCH}))
+REQUIRED_PATCHES = tuple(sorted(TARGETS - {COMPACT_MASK_PATCH}))
 
 #: Shape of the placeholder ``get_attn_mask`` returns with ``nextlong_compact_attention_mask: true``.
 PLACEHOLDER_MASK_SHAPE = (1, 1, 1, 1)
@@ -472,7 +473,7 @@ def neox_weighted_loss(output: Any, labels: Any, weights: Any) -> Any:
     group = mpu.get_model_parallel_group() if world > 1 else None
     vocab_start = mpu.get_model_parallel_rank() * output.size(-1)
     logits = output.contiguous()
-    _maybe_dump(logits, labels, weights)
+    _maybe_dump(logits, labels, weights, vocab_start)
     return weighted_cross_entropy(
         logits,
         labels,
@@ -485,22 +486,25 @@ def neox_weighted_loss(output: Any, labels: Any, weights: Any) -> Any:
     )
 
 
-def _maybe_dump(logits: Any, labels: Any, weights: Any) -> None:
+def _maybe_dump(logits: Any, labels: Any, weights: Any, vocab_start: int = 0) -> None:
     out_dir = os.environ.get("NEXTLONG_DEBUG_DUMP_DIR")
     if not out_dir:
         return
     import torch
 
-    if torch.distributed.is_initialized() and torch.distributed.get_rank() != 0:
+    rank = torch.distributed.get_rank() if torch.distributed.is_initialized() else 0
+    if rank != 0 and os.environ.get("NEXTLONG_DEBUG_DUMP_ALL_RANKS") != "1":
         return
     limit = int(os.environ.get("NEXTLONG_DEBUG_DUMP_CALLS", "2"))
     if STATE.dump_calls >= limit:
         return
     os.makedirs(out_dir, exist_ok=True)
-    path = os.path.join(out_dir, f"loss_call_{STATE.dump_calls:03d}.pt")
+    suffix = "" if rank == 0 else f"_rank{rank}"
+    path = os.path.join(out_dir, f"loss_call_{STATE.dump_calls:03d}{suffix}.pt")
     torch.save(
         {"logits": logits.detach().float().cpu().clone(), "labels": labels.detach().cpu().clone(),
-         "weights": weights.detach().float().cpu().clone(), "grad_enabled": torch.is_grad_enabled()},
+         "weights": weights.detach().float().cpu().clone(), "grad_enabled": torch.is_grad_enabled(),
+         "rank": rank, "vocab_start": vocab_start},
         path,
     )
     STATE.dump_calls += 1

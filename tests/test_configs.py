@@ -1,13 +1,12 @@
 """The GPT-NeoX recipe configs: parse, merge like deepy.py, match paper Tables 9 / 10, and describe Llama-3-8B.
 
-Runs without GPT-NeoX. With ``GPT_NEOX_DIR`` set, the merged configs also go through GPT-NeoX's own ``NeoXArgs``.
+Runs without GPT-NeoX; tests/test_neox_config_parse.py parses the recipes with GPT-NeoX's own argument code.
 """
 
 from __future__ import annotations
 
 import importlib.util
 import json
-import os
 import re
 import sys
 from pathlib import Path
@@ -287,37 +286,3 @@ def test_render_site_and_resume(tmp_path: Path) -> None:
     with pytest.raises(KeyError, match="NEXTLONG_DATA"):
         nc.render_site(site, {}, resume=False)
     assert nc.expand_vars("${UNSET_X:-fallback}/a", {}) == "fallback/a"
-
-
-@pytest.mark.neox
-@pytest.mark.skipif(not os.environ.get("GPT_NEOX_DIR"), reason="GPT_NEOX_DIR not set")
-@pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_loads_through_gpt_neox_neoxargs(recipe: str, tmp_path: Path) -> None:
-    sys.path.insert(0, os.environ["GPT_NEOX_DIR"])
-    neox_args_mod = pytest.importorskip("megatron.neox_arguments")
-    try:
-        import neox_plugin  # noqa: F401  (registers the nextlong_* arguments when installed)
-    except ImportError:
-        pass
-    env = {"NEXTLONG_DATA": str(tmp_path / "d"), "NEXTLONG_CKPT": str(tmp_path / "c"), "NEXTLONG_LOGS": str(tmp_path)}
-    # without the plugin's registration the nextlong_* keys are dropped and everything else is still validated
-    registered = "nextlong_lossweight" in neox_args_mod.NeoXArgs.__dataclass_fields__
-    files = []
-    for name in RECIPES[recipe]:
-        data = nc.read_config(CONFIGS / name)
-        if name.startswith("site_"):
-            data = nc.render_site(data, env, resume=False)
-        if not registered:
-            data = {k: v for k, v in data.items() if not k.startswith("nextlong_")}
-        if importlib.util.find_spec("flash_attn") is None:
-            if "attention_config" in data:
-                data["attention_config"] = [[["global"], 32]]  # NeoXArgs reads flash-attn's version for flash
-            if data.get("nextlong_compact_attention_mask"):
-                data["nextlong_compact_attention_mask"] = False  # the plugin refuses it with "global" layers
-        out = tmp_path / name
-        out.write_text(yaml.safe_dump(data, sort_keys=False))
-        files.append(str(out))
-    args = neox_args_mod.NeoXArgs.from_ymls(files, overwrite_values={"global_num_gpus": PAPER[recipe]["gpus"]})
-    assert args.train_batch_size * args.seq_length == 4_194_304
-    assert args.rotary_emb_base == PAPER[recipe]["rotary_emb_base"]
-    assert args.warmup * args.lr_decay_iters == pytest.approx(PAPER[recipe]["warmup_iters"])

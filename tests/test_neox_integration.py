@@ -2,8 +2,8 @@
 
 Skipped unless ``GPT_NEOX_DIR`` points at a GPT-NeoX checkout. See docs/neox_plugin.md for the
 environment (``NEOX_PYTHON``: the interpreter with GPT-NeoX's dependencies and this project
-installed, hook active; ``NEOX_CPU_SHIM_DIR``: the CPU shim, default ``../shared/tools/neox_cpu``
-next to the repository, used when it exists).
+installed, hook active). GPT-NeoX runs on CPU through the plugin's own CPU support
+(``NEXTLONG_NEOX_CPU=1``, :mod:`neox_plugin.cpu`).
 
 What is checked, for ``pipe_parallel_size: 0`` (forward_step + cross_entropy) and ``1``
 (DeepSpeed PipelineModule ``loss_fn``), with validation and test evaluation enabled:
@@ -42,7 +42,6 @@ pytestmark = [
 ]
 
 NEOX_PYTHON = os.environ.get("NEOX_PYTHON", sys.executable)
-SHIM_DIR = Path(os.environ.get("NEOX_CPU_SHIM_DIR", REPO.parent / "shared" / "tools" / "neox_cpu"))
 RUN_TIMEOUT = int(os.environ.get("NEOX_RUN_TIMEOUT", "1800"))
 SEQ = 128
 NEG_WEIGHT = 0.5
@@ -51,27 +50,22 @@ VALID_RE = re.compile(r"validation results at (?:iteration \d+|the end of traini
                       r"([0-9.eE+-]+|nan)")
 TEST_RE = re.compile(r"test results at the end of training for test data \| lm_loss value: ([0-9.eE+-]+|nan)")
 
-TOKENIZER_SCRIPT = """
-import sys
-from nextlong.corpora import builtin_documents
-from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-docs = [d.text for _, d in zip(range(300), builtin_documents("python-docs", "python-docs"))]
-tok = Tokenizer(models.BPE())
-tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-tok.decoder = decoders.ByteLevel()
-tok.train_from_iterator(docs, trainers.BpeTrainer(vocab_size=1000, special_tokens=["<|endoftext|>"],
-                                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-tok.save(sys.argv[1])
-"""
+def _smoke():
+    """launch/neox_cpu_smoke.py (data preparation shared with the smoke run)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("neox_cpu_smoke", REPO / "launch" / "neox_cpu_smoke.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
 
 
 def _neox_env(dump_dir: Path | None) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = str(Path(NEOX_PYTHON).parent) + os.pathsep + env.get("PATH", "")  # helpers build with python3
-    if SHIM_DIR.is_dir():
-        env["NEOX_CPU_SHIM"] = "1"
-        env["DS_ACCELERATOR"] = env.get("DS_ACCELERATOR", "cpu")
-        env["PYTHONPATH"] = os.pathsep.join([str(SHIM_DIR)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["NEXTLONG_NEOX_CPU"] = "1"  # neox_plugin.cpu, switched on by the .pth hook in every process
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "preprocessing")]
+                                        + [p for p in [env.get("PYTHONPATH")] if p])
     env.pop("NEXTLONG_DEBUG_DUMP_DIR", None)
     if dump_dir is not None:
         env["NEXTLONG_DEBUG_DUMP_DIR"] = str(dump_dir)
@@ -89,18 +83,11 @@ def workdir(tmp_path_factory) -> dict:
         f"`{NEOX_PYTHON} -m neox_plugin.install_hook` (docs/neox_plugin.md)\n{check.stdout}{check.stderr}"
     )
     root = tmp_path_factory.mktemp("neox")
-    tok = root / "tokenizer.json"
-    subprocess.run([NEOX_PYTHON, "-c", TOKENIZER_SCRIPT, str(tok)], check=True, env=_neox_env(None))
-    prefix = root / "data" / "nl"
-    subprocess.run(
-        [sys.executable, str(REPO / "preprocessing" / "make_nextlong_bin.py"), "--input", "builtin:python-docs",
-         "--tokenizer", str(tok), "--output-prefix", str(prefix), "--target-length", "512", "--granularity", "256",
-         "--candidates", "16", "--max-samples", "24", "--no-progress"],
-        check=True, cwd=root,
-    )
-    text = f"{prefix}_text_document"
+    # the user's path: builtin:cl100k_base exported as a tokenizer.json GPT-NeoX's tokenizers 0.15 reads, data from
+    # make_nextlong_bin.py on the built-in corpus (Python's documentation) with that file
+    tok, text, mask = _smoke().make_data(root, 512, 24)
     commit = subprocess.run(["git", "-C", NEOX_DIR, "rev-parse", "HEAD"], capture_output=True, text=True).stdout.strip()
-    return {"root": root, "tok": tok, "text": text, "mask": f"{prefix}_lossweight_document", "commit": commit}
+    return {"root": root, "tok": tok, "text": text, "mask": mask, "commit": commit}
 
 
 def _paths_yml(w: dict, name: str) -> Path:
@@ -112,6 +99,7 @@ def _paths_yml(w: dict, name: str) -> Path:
         "train_data_paths": [w["text"]], "valid_data_paths": [w["text"]], "test_data_paths": [w["text"]],
         "train_data_weights": [1.0], "valid_data_weights": [1.0], "test_data_weights": [1.0],
         "vocab_file": str(w["tok"]), "save": str(run / "checkpoints"), "log_dir": str(run / "logs"),
+        "master_port": _smoke().free_port(),
     }
     f = run / "paths.yml"
     f.write_text(yaml.safe_dump(paths))
