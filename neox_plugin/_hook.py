@@ -9,6 +9,13 @@ The hook is a ``sys.meta_path`` finder that answers only for the seven GPT-NeoX 
 runs right after the module body. Nothing is imported until such a module is imported, so the cost
 for every other Python program is one small import at start-up. Set ``NEXTLONG_NEOX_PLUGIN=0`` to
 disable the hook (GPT-NeoX then rejects the ``nextlong_*`` keys as unknown).
+
+With ``NEXTLONG_NEOX_CPU=1`` the finder also answers for ``torch`` and applies
+:func:`neox_plugin.cpu.patch_torch` to it (GPT-NeoX on CPU; see :mod:`neox_plugin.cpu`). That
+switch works whether or not ``NEXTLONG_NEOX_PLUGIN`` disables the loss-weight patches.
+
+This module imports only the standard library and :mod:`neox_plugin._targets`; the patch modules
+are imported when a target is imported, and none of them imports this module.
 """
 
 from __future__ import annotations
@@ -23,21 +30,23 @@ import threading
 from types import ModuleType
 from typing import Any
 
+from neox_plugin._targets import TARGETS
+
 logger = logging.getLogger(__name__)
 
-#: GPT-NeoX modules the plugin patches (kept in sync with ``neox_plugin.neox.PATCHES``).
-TARGETS = frozenset(
-    {
-        "megatron.neox_arguments.neox_args",
-        "megatron.neox_arguments.arguments",
-        "megatron.data.gpt2_dataset",
-        "megatron.data.data_utils",
-        "megatron.training",
-        "megatron.model.gpt2_model",
-        "megatron.utils",
-    }
-)
+__all__ = ["TARGETS", "NeoXPatchFinder", "install", "installed", "uninstall"]
+
+#: Environment switch of the loss-weight patches ("0" disables them).
 ENV_SWITCH = "NEXTLONG_NEOX_PLUGIN"
+#: Environment switch of CPU support (same name as ``neox_plugin.cpu.ENV_SWITCH``; not imported from there so that
+#: start-up imports nothing else).
+CPU_ENV_SWITCH = "NEXTLONG_NEOX_CPU"
+#: Module patched for CPU support.
+CPU_TARGET = "torch"
+
+
+def _switch(name: str, default: str) -> bool:
+    return os.environ.get(name, default).strip().lower() not in ("", "0", "false", "no", "off")
 
 
 class _PatchingLoader(importlib.abc.Loader):
@@ -52,7 +61,10 @@ class _PatchingLoader(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
-        from neox_plugin.neox import apply_patch
+        if self._name == CPU_TARGET:
+            from neox_plugin.cpu import apply_patch
+        else:
+            from neox_plugin.neox import apply_patch
 
         apply_patch(self._name, module)
 
@@ -61,13 +73,14 @@ class _PatchingLoader(importlib.abc.Loader):
 
 
 class NeoXPatchFinder(importlib.abc.MetaPathFinder):
-    """``sys.meta_path`` finder that wraps the loaders of :data:`TARGETS`."""
+    """``sys.meta_path`` finder that wraps the loaders of ``targets``."""
 
-    def __init__(self) -> None:
+    def __init__(self, targets: frozenset[str] = TARGETS) -> None:
         self._local = threading.local()
+        self.targets = targets
 
     def find_spec(self, fullname: str, path: Any = None, target: Any = None) -> importlib.machinery.ModuleSpec | None:
-        if fullname not in TARGETS:
+        if fullname not in self.targets:
             return None
         busy = getattr(self._local, "busy", None)
         if busy is None:
@@ -95,15 +108,33 @@ _FINDER: NeoXPatchFinder | None = None
 
 
 def install() -> bool:
-    """Put the finder first on ``sys.meta_path`` (idempotent). Returns False when disabled by env."""
+    """Put the finder first on ``sys.meta_path`` (idempotent). Returns False when both switches are off.
+
+    ``NEXTLONG_NEOX_PLUGIN`` (default on) selects the GPT-NeoX patches, ``NEXTLONG_NEOX_CPU`` (default off)
+    the ``torch`` patch for CPU runs.
+    """
     global _FINDER
-    if os.environ.get(ENV_SWITCH, "1").strip().lower() in ("0", "false", "no", "off"):
+    targets: set[str] = set()
+    plugin_on = _switch(ENV_SWITCH, "1")
+    cpu_on = _switch(CPU_ENV_SWITCH, "0")
+    if plugin_on:
+        targets |= TARGETS
+    if cpu_on:
+        targets.add(CPU_TARGET)
+        os.environ.setdefault("DS_ACCELERATOR", "cpu")
+    if not targets:
         return False
     if _FINDER is None:
-        _FINDER = NeoXPatchFinder()
+        _FINDER = NeoXPatchFinder(frozenset(targets))
+    else:
+        _FINDER.targets = frozenset(targets)
     if _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)
-    if any(name in sys.modules for name in TARGETS):
+    if cpu_on and CPU_TARGET in sys.modules:
+        from neox_plugin.cpu import patch_torch
+
+        patch_torch(sys.modules[CPU_TARGET])
+    if plugin_on and any(name in sys.modules for name in TARGETS):
         from neox_plugin.neox import patch_loaded_modules
 
         patch_loaded_modules()

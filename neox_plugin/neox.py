@@ -42,7 +42,7 @@ import re
 import threading
 from typing import Any, Literal
 
-from neox_plugin import _hook
+from neox_plugin._targets import TARGETS
 from neox_plugin.config import (
     COMPACT_MASK_KEY,
     KEY_DEFAULTS,
@@ -58,7 +58,7 @@ logger = logging.getLogger(__name__)
 #: Patch that must be in place before training with ``nextlong_compact_attention_mask: true``.
 COMPACT_MASK_PATCH = "megatron.utils"
 #: Patches that must all be in place before training with the plugin: every hooked module but the mask one.
-REQUIRED_PATCHES = tuple(sorted(_hook.TARGETS - {COMPACT_MASK_PATCH}))
+REQUIRED_PATCHES = tuple(sorted(TARGETS - {COMPACT_MASK_PATCH}))
 
 #: Shape of the placeholder ``get_attn_mask`` returns with ``nextlong_compact_attention_mask: true``.
 PLACEHOLDER_MASK_SHAPE = (1, 1, 1, 1)

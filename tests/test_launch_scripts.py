@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import importlib.util
+import json
 import re
 import shutil
 import subprocess
@@ -68,6 +69,66 @@ def test_train_script_slurm_settings() -> None:
         assert needle in text, needle
     site = (ROOT / "configs" / "neox" / "site_example.yml").read_text(encoding="utf-8")
     assert "launcher: slurm" in site and "deepspeed_slurm: true" in site
+
+
+def _dry_run(tmp_path: Path, recipe: str, nodelist: str, nodes: int, extra: dict | None = None):
+    """launch/train.sbatch --dry-run under a made-up Slurm environment (no scontrol, no GPUs, no GPT-NeoX)."""
+    env = {
+        "PATH": "/usr/bin:/bin", "HOME": str(tmp_path), "PYTHON": sys.executable, "RECIPE": recipe,
+        "SLURM_JOB_NODELIST": nodelist, "SLURM_JOB_NUM_NODES": str(nodes), "SLURM_JOB_ID": "4242",
+        "SLURM_RESTART_COUNT": "1", "SLURM_GPUS_ON_NODE": "8", "SLURM_SUBMIT_DIR": str(ROOT),
+        "NEOX_DIR": "/opt/gpt-neox", "NEXTLONG_DATA": "/data/nl", "NEXTLONG_CKPT": str(tmp_path / "ckpt"),
+        "NEXTLONG_LOGS": str(tmp_path / "logs"), **(extra or {}),
+    }
+    return subprocess.run(["bash", str(LAUNCH / "train.sbatch"), "--dry-run"], env=env, capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_train_dry_run_prints_hostfile_and_command(tmp_path: Path) -> None:
+    proc = _dry_run(tmp_path, "128k", "gpu[007-008],gpu011", 3)
+    assert proc.returncode == 0, proc.stderr
+    job = tmp_path / "logs" / "runs" / "llama3_8b_nextlong_128k" / "job_4242_restart1"
+    out = proc.stdout.splitlines()
+    i = out.index(f"dry run: hostfile {job / 'hostfile'}")
+    assert out[i + 1 : i + 4] == ["gpu007 slots=8", "gpu008 slots=8", "gpu011 slots=8"]
+    assert (job / "hostfile").read_text().splitlines() == out[i + 1 : i + 4]
+    assert f"DLTS_HOSTFILE={job / 'hostfile'} MASTER_ADDR=gpu007 MASTER_PORT=29500" in proc.stdout
+    cfg = ROOT / "configs" / "neox" / "json"
+    assert out[out.index("dry run: command") + 1] == (
+        f"cd /opt/gpt-neox && {sys.executable} deepy.py train.py {cfg / 'llama3_8b.json'} "
+        f"{cfg / 'llama3_128k.json'} {job / 'site.json'}")
+    site = json.loads((job / "site.json").read_text())
+    assert site["save"] == str(tmp_path / "ckpt" / "llama3_8b_nextlong_128k") and site["finetune"] is True
+    assert "/data/nl" in json.dumps(site) and "${" not in json.dumps(site)
+    assert not (job / "train.log").exists() and not (job / "plan_memory.txt").exists(), "nothing may run"
+
+
+def test_train_dry_run_512k_resumes_and_rejects_bad_input(tmp_path: Path) -> None:
+    save = tmp_path / "ckpt" / "llama3_8b_nextlong_512k"
+    save.mkdir(parents=True)
+    (save / "latest").write_text("global_step100")
+    proc = _dry_run(tmp_path, "512k", "node[01-16]", 16, {"CONFIG_FORMAT": "yml"})
+    assert proc.returncode == 0, proc.stderr
+    job = tmp_path / "logs" / "runs" / "llama3_8b_nextlong_512k" / "job_4242_restart1"
+    assert len((job / "hostfile").read_text().splitlines()) == 16
+    assert f"{ROOT / 'configs' / 'neox' / 'llama3_512k.yml'} {job / 'site.yml'}" in proc.stdout
+    import yaml
+
+    site = yaml.safe_load((job / "site.yml").read_text())
+    assert site["load"] == str(save) and site["finetune"] is False
+    bad = _dry_run(tmp_path, "256k", "node1", 1)
+    assert bad.returncode == 2 and "RECIPE must be 128k or 512k, got 256k" in bad.stderr
+    bad = subprocess.run(["bash", str(LAUNCH / "train.sbatch"), "--dryrun"], capture_output=True, text=True)
+    assert bad.returncode == 2 and "unknown argument --dryrun" in bad.stderr
+
+
+def test_slurm_hostlist_expansion() -> None:
+    hosts = _load("slurm_hosts")
+    assert hosts.expand("gpu[001-003,010],login1") == ["gpu001", "gpu002", "gpu003", "gpu010", "login1"]
+    assert hosts.expand("a[8-10]-ib") == ["a8-ib", "a9-ib", "a10-ib"]
+    for bad in ("gpu[3-1]", "gpu[1-2", "gpu[x]"):
+        with pytest.raises(ValueError):
+            hosts.expand(bad)
 
 
 def test_synth_script_calls_the_cli() -> None:

@@ -2,8 +2,8 @@
 
 Skipped unless ``GPT_NEOX_DIR`` points at a GPT-NeoX checkout. See docs/neox_plugin.md for the
 environment (``NEOX_PYTHON``: the interpreter with GPT-NeoX's dependencies and this project
-installed, hook active; ``NEOX_CPU_SHIM_DIR``: the CPU shim, default ``../shared/tools/neox_cpu``
-next to the repository, used when it exists).
+installed, hook active). GPT-NeoX runs on CPU through the plugin's own CPU support
+(``NEXTLONG_NEOX_CPU=1``, :mod:`neox_plugin.cpu`).
 
 What is checked, for ``pipe_parallel_size: 0`` (forward_step + cross_entropy) and ``1``
 (DeepSpeed PipelineModule ``loss_fn``), with validation and test evaluation enabled:
@@ -42,7 +42,6 @@ pytestmark = [
 ]
 
 NEOX_PYTHON = os.environ.get("NEOX_PYTHON", sys.executable)
-SHIM_DIR = Path(os.environ.get("NEOX_CPU_SHIM_DIR", REPO.parent / "shared" / "tools" / "neox_cpu"))
 RUN_TIMEOUT = int(os.environ.get("NEOX_RUN_TIMEOUT", "1800"))
 SEQ = 128
 NEG_WEIGHT = 0.5
@@ -68,10 +67,9 @@ tok.save(sys.argv[1])
 def _neox_env(dump_dir: Path | None) -> dict[str, str]:
     env = dict(os.environ)
     env["PATH"] = str(Path(NEOX_PYTHON).parent) + os.pathsep + env.get("PATH", "")  # helpers build with python3
-    if SHIM_DIR.is_dir():
-        env["NEOX_CPU_SHIM"] = "1"
-        env["DS_ACCELERATOR"] = env.get("DS_ACCELERATOR", "cpu")
-        env["PYTHONPATH"] = os.pathsep.join([str(SHIM_DIR)] + [p for p in [env.get("PYTHONPATH")] if p])
+    env["NEXTLONG_NEOX_CPU"] = "1"  # neox_plugin.cpu, switched on by the .pth hook in every process
+    env["PYTHONPATH"] = os.pathsep.join([str(REPO), str(REPO / "preprocessing")]
+                                        + [p for p in [env.get("PYTHONPATH")] if p])
     env.pop("NEXTLONG_DEBUG_DUMP_DIR", None)
     if dump_dir is not None:
         env["NEXTLONG_DEBUG_DUMP_DIR"] = str(dump_dir)

@@ -166,11 +166,12 @@ def _select(units: list, task_index: int | None, tasks: int) -> list:
 def prepare(cfg, work: Path, tok) -> tuple[list, dict[str, dict], str]:
     """Shards, stage keys and the work directory's tokenizer.json (what every stage task loads)."""
     from .pool import plan_shards
+    from .tokenization import save_tokenizer_json
 
     work.mkdir(parents=True, exist_ok=True)
     tokenizer_path = work / "tokenizer.json"
     tmp = tokenizer_path.with_name(f".tokenizer.json.tmp-{os.getpid()}")
-    tok.tokenizer.save(str(tmp))
+    save_tokenizer_json(tok.tokenizer, tmp)  # readable by GPT-NeoX's tokenizers 0.15 too
     if tokenizer_path.exists() and tokenizer_path.read_bytes() == tmp.read_bytes():
         tmp.unlink()
     else:

