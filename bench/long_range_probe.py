@@ -161,20 +161,25 @@ def split_corpus(s: Settings, out: Path) -> dict:
     d.mkdir(parents=True, exist_ok=True)
     n = {"train": 0, "heldout": 0}
     opener = gzip.open if s.corpus.endswith(".gz") else open
-    with opener(s.corpus, "rt", encoding="utf-8") as f, open(d / "train.jsonl.tmp", "w") as tr, \
-            open(d / "heldout.jsonl.tmp", "w") as ho:
-        for lineno, line in enumerate(f, 1):
-            if s.max_docs is not None and lineno > s.max_docs:
-                break
-            if not line.strip():
-                continue
-            try:
-                doc_id = str(json.loads(line)["id"])
-            except (json.JSONDecodeError, KeyError) as e:
-                raise UsageError(f"{s.corpus}: line {lineno}: not a JSON object with an 'id' ({e})") from None
-            held = int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) % s.heldout_mod == 0
-            (ho if held else tr).write(line if line.endswith("\n") else line + "\n")
-            n["heldout" if held else "train"] += 1
+    try:
+        with opener(s.corpus, "rt", encoding="utf-8") as f, open(d / "train.jsonl.tmp", "w") as tr, \
+                open(d / "heldout.jsonl.tmp", "w") as ho:
+            for lineno, line in enumerate(f, 1):
+                if s.max_docs is not None and lineno > s.max_docs:
+                    break
+                if not line.strip():
+                    continue
+                try:
+                    doc_id = str(json.loads(line)["id"])
+                except (json.JSONDecodeError, KeyError) as e:
+                    raise UsageError(f"{s.corpus}: line {lineno}: not a JSON object with an 'id' ({e})") from None
+                held = int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) % s.heldout_mod == 0
+                (ho if held else tr).write(line if line.endswith("\n") else line + "\n")
+                n["heldout" if held else "train"] += 1
+    except UsageError:
+        for tmp in ("train.jsonl.tmp", "heldout.jsonl.tmp"):
+            (d / tmp).unlink(missing_ok=True)
+        raise
     os.replace(d / "train.jsonl.tmp", d / "train.jsonl")
     os.replace(d / "heldout.jsonl.tmp", d / "heldout.jsonl")
     _mark(d, n)
@@ -755,28 +760,32 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     tok = out / "tokenizer" / "tokenizer.json"
     prefixes: dict[str, str] = {}
-    for stage in STAGES:
-        if stage not in a.stages:
-            continue
-        ts = time.time()
-        if stage == "split":
-            split_corpus(s, out)
-        elif stage == "tokenizer":
-            tok = train_tokenizer(s, env, out)
-        elif stage == "data":
-            prefixes = make_data(s, out, tok)
-        elif stage == "train":
-            prefixes = prefixes or make_data(s, out, tok)
-            train_runs(s, env, out, prefixes, tok)
-        elif stage == "convert":
-            convert_runs(s, env, out, tok)
-        elif stage == "verify":
-            verify_runs(s, env, out, tok)
-        elif stage == "eval":
-            evaluate(s, out, tok)
-        elif stage == "report":
-            report(s, out)
-        LOG.info("stage %s: %.1f s", stage, time.time() - ts)
+    try:
+        for stage in STAGES:
+            if stage not in a.stages:
+                continue
+            ts = time.time()
+            if stage == "split":
+                split_corpus(s, out)
+            elif stage == "tokenizer":
+                tok = train_tokenizer(s, env, out)
+            elif stage == "data":
+                prefixes = make_data(s, out, tok)
+            elif stage == "train":
+                prefixes = prefixes or make_data(s, out, tok)
+                train_runs(s, env, out, prefixes, tok)
+            elif stage == "convert":
+                convert_runs(s, env, out, tok)
+            elif stage == "verify":
+                verify_runs(s, env, out, tok)
+            elif stage == "eval":
+                evaluate(s, out, tok)
+            elif stage == "report":
+                report(s, out)
+            LOG.info("stage %s: %.1f s", stage, time.time() - ts)
+    except UsageError as e:
+        print(f"long_range_probe: error: {e}", file=sys.stderr)
+        return 2
     LOG.info("done in %.1f s (this invocation)", time.time() - t0)
     return 0
 
