@@ -451,9 +451,35 @@ def compare_logits(dump: Path, hf_dir: Path, sample, tolerance: float = 1e-3) ->
 # evaluation
 # ------------------------------------------------------------------------------------------------
 
+def overlapping_heldout_ids(out: Path, min_chars: int = 200) -> set[str]:
+    """Held-out documents sharing a paragraph of at least ``min_chars`` characters with a training document
+    (OpenStax editions repeat text under other ids); the probes leave them out. Written to split/overlap.json."""
+    f = out / "split" / "overlap.json"
+    if f.exists():
+        return set(json.loads(f.read_text()))
+    seen = set()
+    with open(out / "split" / "train.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            for p in json.loads(line)["text"].split("\n\n"):
+                if len(p) >= min_chars:
+                    seen.add(hashlib.sha256(p.encode()).digest())
+    ids = []
+    with open(out / "split" / "heldout.jsonl", encoding="utf-8") as fh:
+        for line in fh:
+            d = json.loads(line)
+            paras = d["text"].split("\n\n")
+            if any(len(p) >= min_chars and hashlib.sha256(p.encode()).digest() in seen for p in paras):
+                ids.append(str(d["id"]))
+    tmp = f.with_suffix(".tmp")
+    tmp.write_text(json.dumps(sorted(ids)))
+    os.replace(tmp, f)
+    LOG.info("%d held-out documents share a paragraph with the training documents: left out of the probes", len(ids))
+    return set(ids)
+
+
 def _eval_one(args: tuple) -> dict:
     """Probes of one converted checkpoint (runs in a worker process)."""
-    hf_dir, prefixes, s_dict, threads = args
+    hf_dir, prefixes, s_dict, threads, exclude = args
     import numpy as np
     import torch
     from nextlong.evaluation import longrange, passkey
@@ -465,12 +491,12 @@ def _eval_one(args: tuple) -> dict:
     scorer = HFScorer(model, max_batch_tokens=4 * s.seq_length)
     res: dict = {"model": str(hf_dir)}
     for name, n in (("openstax", s.eval_docs), ("pydocs", s.eval_docs_pydocs)):
-        docs = longrange.load_probe_docs(prefixes[name], name, max_docs=n)
+        docs = longrange.load_probe_docs(prefixes[name], name, max_docs=n, exclude_doc_ids=exclude)
         intact: dict[str, float] = {}
         rows = longrange.score_docs(docs, scorer, seed=s.eval_seed, intact_loss=intact)
         res[name] = {"summary": longrange.summarize(rows), "rows": rows,
                      "heldout_loss": float(np.mean(list(intact.values())))}
-    docs = longrange.load_probe_docs(prefixes["openstax"], "openstax", max_docs=s.eval_docs)
+    docs = longrange.load_probe_docs(prefixes["openstax"], "openstax", max_docs=s.eval_docs, exclude_doc_ids=exclude)
     hay = np.concatenate([d.tokens[st : st + n] for d in docs for st, n in d.metas])
     eot = tokenizer.convert_tokens_to_ids("<|endoftext|>") if tokenizer is not None else None
     lengths = sorted({s.seq_length // 4, s.seq_length // 2, s.seq_length})
@@ -500,8 +526,9 @@ def evaluate(s: Settings, out: Path, tok: Path, workers: int = 2) -> None:
                     todo.append((step != steps[-1], d / "hf" / f"step{step}", f))
     todo.sort(key=lambda t: t[0])  # final checkpoints first
     s_dict = asdict(s)
+    exclude = overlapping_heldout_ids(out)
     with ProcessPoolExecutor(max_workers=workers) as ex:
-        futs = [(f, ex.submit(_eval_one, (str(hf), prefixes, s_dict, max(1, s.threads)))) for _, hf, f in todo]
+        futs = [(f, ex.submit(_eval_one, (str(hf), prefixes, s_dict, max(1, s.threads), exclude))) for _, hf, f in todo]
         for f, fut in futs:
             r = fut.result()
             f.parent.mkdir(parents=True, exist_ok=True)

@@ -124,6 +124,12 @@ def test_probe_docs_from_a_real_nextlong_dataset(tmp_path, docs_corpus, small_to
         assert len(d.metas) >= 2 and all(b[0] > a[0] + a[1] for a, b in zip(d.metas[:-1], d.metas[1:], strict=True))
     rows = longrange.score_docs(docs, copy_scorer, seed=0)
     assert len(rows) == sum(len(d.metas) - 1 for d in docs)
+    import pyarrow.parquet as pq
+
+    spans = pq.read_table(f"{prefix}_spans.parquet").to_pandas()
+    first = str(spans[(spans["sample"] == int(docs[0].key.split(":")[1])) & (spans["role"] == "meta")]["doc_id"].iloc[0])
+    kept = longrange.load_probe_docs(prefix, "pd", max_docs=5, exclude_doc_ids={first})
+    assert docs[0].key not in {d.key for d in kept} and docs[1].key == kept[0].key
     assert all(r["distance"] > 0 for r in rows), "NExtLong samples have negatives between meta-chunks"
 
 

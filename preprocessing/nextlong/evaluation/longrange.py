@@ -42,20 +42,23 @@ class ProbeDoc:
     metas: list[tuple[int, int]] = field(default_factory=list)  # meta-chunk spans in token positions
 
 
-def load_probe_docs(prefix: str | Path, name: str, max_docs: int | None = None, min_metas: int = 2) -> list[ProbeDoc]:
+def load_probe_docs(prefix: str | Path, name: str, max_docs: int | None = None, min_metas: int = 2,
+                    exclude_doc_ids: set[str] | None = None) -> list[ProbeDoc]:
     """Evaluation samples of a ``make_nextlong_bin.py --method nextlong`` output prefix (``<prefix>_text_document``
-    and ``<prefix>_spans.parquet``); samples with fewer than ``min_metas`` meta-chunks are skipped."""
+    and ``<prefix>_spans.parquet``); samples with fewer than ``min_metas`` meta-chunks, or whose meta-document id
+    is in ``exclude_doc_ids``, are skipped."""
     import pyarrow.parquet as pq
 
     from ..indexed import read_indexed
 
     prefix = str(prefix)
     text = read_indexed(f"{prefix}_text_document")
-    spans = pq.read_table(f"{prefix}_spans.parquet", columns=["sample", "start", "length", "role"]).to_pandas()
+    columns = ["sample", "start", "length", "role", "doc_id"]
+    spans = pq.read_table(f"{prefix}_spans.parquet", columns=columns).to_pandas()
     metas = spans[spans["role"] == "meta"].sort_values(["sample", "start"])
     docs: list[ProbeDoc] = []
     for sample, g in metas.groupby("sample", sort=True):
-        if len(g) < min_metas:
+        if len(g) < min_metas or (exclude_doc_ids and str(g["doc_id"].iloc[0]) in exclude_doc_ids):
             continue
         docs.append(ProbeDoc(f"{name}:{int(sample)}", np.asarray(text[int(sample)], dtype=np.int64),
                              [(int(s), int(n)) for s, n in zip(g["start"], g["length"], strict=True)]))
