@@ -127,7 +127,8 @@ def test_probe_docs_from_a_real_nextlong_dataset(tmp_path, docs_corpus, small_to
     import pyarrow.parquet as pq
 
     spans = pq.read_table(f"{prefix}_spans.parquet").to_pandas()
-    first = str(spans[(spans["sample"] == int(docs[0].key.split(":")[1])) & (spans["role"] == "meta")]["doc_id"].iloc[0])
+    sel = (spans["sample"] == int(docs[0].key.split(":")[1])) & (spans["role"] == "meta")
+    first = str(spans[sel]["doc_id"].iloc[0])
     kept = longrange.load_probe_docs(prefix, "pd", max_docs=5, exclude_doc_ids={first})
     assert docs[0].key not in {d.key for d in kept} and docs[1].key == kept[0].key
     assert all(r["distance"] > 0 for r in rows), "NExtLong samples have negatives between meta-chunks"
