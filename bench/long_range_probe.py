@@ -324,29 +324,50 @@ def checkpoint_steps(d: Path) -> list[int]:
     return sorted(int(p.name[len("global_step"):]) for p in (d / "checkpoints").glob("global_step*") if p.is_dir())
 
 
-def convert_runs(s: Settings, env: Env, out: Path, tok: Path) -> dict[tuple[str, int, int], Path]:
-    """Every checkpoint to HF Llama with GPT-NeoX's converter (the one launch/convert.sbatch uses)."""
+def convert_runs(s: Settings, env: Env, out: Path, tok: Path, parallel: int = 4) -> dict[tuple[str, int, int], Path]:
+    """Every checkpoint to HF Llama with GPT-NeoX's converter (the one launch/convert.sbatch uses), ``parallel``
+    conversions at a time."""
     import yaml
 
-    models = {}
+    models, todo = {}, []
     for seed in s.seeds:
         for method in s.methods:
             d = run_dir(out, method, seed)
             for step in checkpoint_steps(d):
                 hf = d / "hf" / f"step{step}"
                 models[(method, seed, step)] = hf
-                if _done(hf):
-                    continue
-                if hf.exists():
-                    shutil.rmtree(hf)
-                hf.mkdir(parents=True)
-                cfg = yaml.safe_load((d / "config.yml").read_text())
-                _run([env.neox_python, str(env.neox_dir / "tools" / "ckpts" / "convert_neox_to_hf.py"),
-                      "--input_dir", str(d / "checkpoints" / f"global_step{step}"), "--config_file",
-                      str(d / "config.yml"), "--output_dir", str(hf), "--precision", "fp32", "--architecture",
-                      "llama", "--no_save_tokenizer"], hf / "convert.log", env=neox_env(env, s.threads))
-                fix_hf_config(hf, cfg, tok)
+                if not _done(hf):
+                    todo.append((d, step, hf))
+    running: list[tuple[Path, Path, subprocess.Popen]] = []
+
+    def reap(block: bool) -> None:
+        for item in list(running):
+            d, hf, p = item
+            if block or p.poll() is not None:
+                if p.wait() != 0:
+                    log = (hf / "convert.log").read_text(errors="replace")[-3000:]
+                    raise RuntimeError(f"conversion of {hf} failed; log {hf / 'convert.log'}:\n{log}")
+                fix_hf_config(hf, yaml.safe_load((d / "config.yml").read_text()), tok)
                 _mark(hf)
+                LOG.info("converted %s", hf)
+                running.remove(item)
+
+    for d, step, hf in todo:
+        while len(running) >= parallel:
+            time.sleep(1)
+            reap(False)
+        if hf.exists():
+            shutil.rmtree(hf)
+        hf.mkdir(parents=True)
+        cmd = [env.neox_python, str(env.neox_dir / "tools" / "ckpts" / "convert_neox_to_hf.py"),
+               "--input_dir", str(d / "checkpoints" / f"global_step{step}"), "--config_file", str(d / "config.yml"),
+               "--output_dir", str(hf), "--precision", "fp32", "--architecture", "llama", "--no_save_tokenizer"]
+        LOG.info("run: %s", " ".join(cmd))
+        log = open(hf / "convert.log", "w")  # noqa: SIM115 - open while the converter writes to it
+        # GPT-NeoX checkpoints hold numpy objects: torch >= 2.6 loads them only with weights_only=False
+        e = neox_env(env, 1, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+        running.append((d, hf, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=e)))
+    reap(True)
     return models
 
 
