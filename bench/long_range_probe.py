@@ -81,17 +81,17 @@ class Settings:
     num_layers: int = 2  # transformer blocks
     hidden_size: int = 128  # model width
     num_heads: int = 4  # attention heads
-    train_iters: int = 120  # optimizer steps per run
+    train_iters: int = 60  # optimizer steps per run
     batch_size: int = 4  # sequences per step (one micro-batch)
     lr: float = 3.0e-3  # peak learning rate (cosine to lr / 10)
     warmup: float = 0.05  # warmup fraction of train_iters
     negative_loss_weight: float = 1.0  # nextlong_negative_loss_weight (paper: hard negatives stay in the loss)
     checkpoints: int = 3  # evenly spaced checkpoints per run (the last at train_iters), all evaluated
-    eval_docs: int = 48  # held-out OpenStax evaluation samples for the long-range probe
-    eval_docs_pydocs: int = 24  # Python-docs evaluation samples
+    eval_docs: int = 40  # held-out OpenStax evaluation samples for the long-range probe
+    eval_docs_pydocs: int = 20  # Python-docs evaluation samples
     eval_seed: int = 7  # filler and passkey randomness
     passkey_depths: tuple[float, ...] = (0.1, 0.3, 0.5, 0.7, 0.9)  # needle depth as a fraction of the haystack
-    passkey_trials: int = 8  # keys per depth
+    passkey_trials: int = 4  # keys per depth and length
     threads: int = 1  # torch threads per GPT-NeoX run (all runs go in parallel)
 
     @staticmethod
@@ -748,7 +748,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="OpenStax JSONL(.gz) with 'id' and 'text' per line")
     p.add_argument("--out", required=True, type=Path, help="output directory (resumable)")
     p.add_argument("--quick", action="store_true", help="tiny settings for a smoke test of a few minutes")
-    p.add_argument("--train-iters", type=int, help="optimizer steps per run (default: 120, --quick: 6)")
+    p.add_argument("--train-iters", type=int, help="optimizer steps per run (default: 60, --quick: 6)")
     p.add_argument("--seeds", type=int, nargs="+", help="GPT-NeoX seeds, one run per seed and method")
     p.add_argument("--methods", nargs="+", choices=("nextlong", "standard", "knn"),
                    help="training datasets (default: nextlong standard)")
