@@ -97,7 +97,7 @@ class Settings:
     @staticmethod
     def quick(corpus: str) -> Settings:
         return Settings(corpus=corpus, max_docs=400, vocab_size=1024, seq_length=512, granularity=256, candidates=16,
-                        train_samples=48, seeds=(1234,), train_iters=6, batch_size=2, checkpoints=1, eval_docs=6,
+                        train_samples=24, seeds=(1234,), train_iters=6, batch_size=2, checkpoints=1, eval_docs=6,
                         eval_docs_pydocs=4, passkey_depths=(0.25, 0.75), passkey_trials=2)
 
 
@@ -313,10 +313,11 @@ def train_runs(s: Settings, env: Env, out: Path, prefixes: dict[str, str], tok: 
 
 
 def parse_train_log(text: str) -> dict:
-    rows = sorted({int(i): (float(ms), float(v)) for i, ms, v in LOSS_RE.findall(text)}.items())
+    last = {int(i): (float(ms), float(v)) for i, ms, v in LOSS_RE.findall(text)}  # a step logged twice: last
+    rows = [(i, ms, v) for i, (ms, v) in sorted(last.items())]
     valid = re.findall(r"validation results at the end of training for val data \| lm_loss value: ([0-9.eE+-]+)",
                        text)
-    return {"step": [i for i, _ in rows], "ms": [r[0] for r in rows], "loss": [r[1] for r in rows],
+    return {"step": [r[0] for r in rows], "ms": [r[1] for r in rows], "loss": [r[2] for r in rows],
             "final_valid_loss": float(valid[-1]) if valid else None}
 
 
@@ -365,7 +366,8 @@ def convert_runs(s: Settings, env: Env, out: Path, tok: Path, parallel: int = 4)
         LOG.info("run: %s", " ".join(cmd))
         log = open(hf / "convert.log", "w")  # noqa: SIM115 - open while the converter writes to it
         # GPT-NeoX checkpoints hold numpy objects: torch >= 2.6 loads them only with weights_only=False
-        e = neox_env(env, 1, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"})
+        # the converter picks CUDA whenever torch.cuda says it is there: keep the CPU support off for it
+        e = neox_env(env, 1, {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1", CPU_SWITCH: "0"})
         running.append((d, hf, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=e)))
     reap(True)
     return models
@@ -588,8 +590,8 @@ def report(s: Settings, out: Path) -> dict:
     for seed in s.seeds:
         for method in s.methods:
             d = run_dir(out, method, seed)
-            if (d / "train_curve.json").exists():
-                curves[(method, seed)] = json.loads((d / "train_curve.json").read_text())
+            if (d / "train.log").exists():
+                curves[(method, seed)] = parse_train_log((d / "train.log").read_text(errors="replace"))
             for f in sorted((d / "eval").glob("step*.json")):
                 evals[(method, seed, int(f.stem[4:]))] = json.loads(f.read_text())
     if not evals:
