@@ -686,17 +686,21 @@ def plots(s: Settings, out: Path, evals: dict, curves: dict, table: list[dict]) 
     import numpy as np
 
     colors = {"nextlong": "tab:blue", "standard": "tab:orange", "knn": "tab:green"}
+    from nextlong.evaluation.longrange import DEFAULT_BUCKETS
+
     fig, axes = plt.subplots(1, 2, figsize=(10, 3.8), sharey=True)
+    labels = [f"{a}-{b}" if b < 1 << 29 else f">= {a}" for a, b in zip(DEFAULT_BUCKETS[:-1], DEFAULT_BUCKETS[1:],
+                                                                        strict=True)]
     for ax, name in zip(axes, ("openstax", "pydocs"), strict=True):
         for k, t in enumerate(table):
             b = t[f"{name}_buckets"]
-            x = np.arange(len(b)) + (k - 0.5) * 0.15
+            x = np.array([DEFAULT_BUCKETS.index(q["low"]) for q in b]) + (k - (len(table) - 1) / 2) * 0.12
             y = np.array([q["gain"] for q in b])
             err = np.array([[q["gain"] - q["gain_ci_low"], q["gain_ci_high"] - q["gain"]] for q in b]).T
             ax.errorbar(x, y, yerr=np.nan_to_num(err), fmt="o-", capsize=3, color=colors.get(t["method"]),
                         label=t["method"])
-            ax.set_xticks(np.arange(len(b)), [f"{q['low']}-{q['high'] if q['high'] < 1 << 29 else ''}" for q in b],
-                          rotation=20)
+        ax.set_xticks(range(len(labels)), labels, rotation=20)
+        ax.set_xlim(-0.5, len(labels) - 0.5)
         ax.axhline(0, color="grey", lw=0.8)
         ax.set_xlabel("tokens back to the previous meta-chunk")
         ax.set_title(f"long-range gain, held-out {name}")
