@@ -391,8 +391,10 @@ def fix_hf_config(hf: Path, cfg: dict, tok: Path) -> None:
 # verification of the conversion: GPT-NeoX's logits against the converted HF model's
 # ------------------------------------------------------------------------------------------------
 
-def verify_runs(s: Settings, env: Env, out: Path, tok: Path) -> dict:
-    """Restart GPT-NeoX from each run's final checkpoint (``finetune: true``: weights only) for one step on a
+def verify_start(s: Settings, env: Env, out: Path) -> tuple:
+    """Launch the verification runs (they need a few minutes to start; the evaluation runs meanwhile).
+
+    Restart GPT-NeoX from each run's final checkpoint (``finetune: true``: weights only) for one step on a
     dataset of one held-out sample of exactly ``seq_length`` tokens (every packed sample is then that sample
     plus its first token), dump the logits of the first loss call (the forward pass before the update) and
     compare them with the converted HF model's logits on the same tokens."""
@@ -434,6 +436,13 @@ def verify_runs(s: Settings, env: Env, out: Path, tok: Path) -> dict:
                                           "NEXTLONG_DEBUG_DUMP_CALLS": "1"})
             procs.append((d, rd, subprocess.Popen([env.neox_python, "deepy.py", "train.py", str(rd / "config.yml")],
                                                   cwd=env.neox_dir, stdout=log, stderr=subprocess.STDOUT, env=e)))
+    return results, procs, sample
+
+
+def verify_finish(out: Path, started: tuple) -> dict:
+    """Wait for the verification runs of :func:`verify_start` and compare the logits."""
+    results, procs, sample = started
+    vd = out / "verify"
     for d, rd, p in procs:
         if p.wait() != 0:
             raise RuntimeError(f"GPT-NeoX verification run {rd.name} failed; log {rd / 'neox.log'}")
@@ -814,6 +823,8 @@ def main(argv: list[str] | None = None) -> int:
     t0 = time.time()
     tok = out / "tokenizer" / "tokenizer.json"
     prefixes: dict[str, str] = {}
+    verifying = None
+    last = [x for x in STAGES if x in a.stages][-1]
     try:
         for stage in STAGES:
             if stage not in a.stages:
@@ -830,11 +841,14 @@ def main(argv: list[str] | None = None) -> int:
                 train_runs(s, env, out, prefixes, tok)
             elif stage == "convert":
                 convert_runs(s, env, out, tok)
-            elif stage == "verify":
-                verify_runs(s, env, out, tok)
+            elif stage == "verify":  # GPT-NeoX starts slowly: the evaluation runs while it does
+                verifying = verify_start(s, env, out)
             elif stage == "eval":
                 evaluate(s, out, tok)
-            elif stage == "report":
+            if verifying is not None and stage in ("report", last):
+                verify_finish(out, verifying)
+                verifying = None
+            if stage == "report":
                 report(s, out)
             LOG.info("stage %s: %.1f s", stage, time.time() - ts)
     except UsageError as e:
