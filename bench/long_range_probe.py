@@ -643,14 +643,18 @@ def report(s: Settings, out: Path) -> dict:
         t["passkey_accuracy"] = float(np.mean([r["passkey"]["accuracy"] for r in runs]))
         t["passkey_key_logprob"] = float(np.mean([r["passkey"]["key_logprob"] for r in runs]))
         table.append(t)
+    # NExtLong minus Standard, paired over evaluation documents, on the seeds that have both final checkpoints
+    both = [sd for sd in s.seeds if ("nextlong", sd, final) in evals and ("standard", sd, final) in evals]
     diffs = {}
-    if ("nextlong", "openstax") in pooled and ("standard", "openstax") in pooled:
-        for name in ("openstax", "pydocs"):
-            a, b = pooled[("nextlong", name)], pooled[("standard", name)]
-            dv = np.array([a[k] - b[k] for k in sorted(a) if k in b])
-            m, lo, hi = mean_ci(dv)
-            diffs[name] = {"gain_difference": m, "ci": [lo, hi], "documents": len(dv)}
+    for name in ("openstax", "pydocs") if both else ():
+        a = [_doc_means(evals[("nextlong", sd, final)][name]["rows"]) for sd in both]
+        b = [_doc_means(evals[("standard", sd, final)][name]["rows"]) for sd in both]
+        dv = np.array([np.mean([x[k] for x in a]) - np.mean([y[k] for y in b]) for k in sorted(a[0])])
+        m, lo, hi = mean_ci(dv)
+        diffs[name] = {"gain_difference": m, "ci": [lo, hi], "documents": len(dv), "seeds": both}
+    missing = [f"{m}_seed{sd}" for sd in s.seeds for m in s.methods if (m, sd, final) not in evals]
     summary = {"settings": asdict(s), "final_step": final, "table": table, "nextlong_minus_standard": diffs,
+               "runs_without_final_checkpoint": missing,
                "train_wall_seconds": {d.name: json.loads((d / ".done").read_text()).get("wall_seconds")
                                       for d in sorted((out / "runs").glob("*")) if _done(d)},
                "step_ms_median": {f"{m}_seed{sd}": float(np.median(c["ms"][1:])) if len(c["ms"]) > 1 else None
@@ -658,7 +662,7 @@ def report(s: Settings, out: Path) -> dict:
     if (out / "verify" / "summary.json").exists():
         summary["conversion_check"] = json.loads((out / "verify" / "summary.json").read_text())
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
-    (out / "results.md").write_text(markdown_table(table, diffs, s))
+    (out / "results.md").write_text(markdown_table(table, diffs, missing))
     plots(s, out, evals, curves, table)
     LOG.info("report: %s", out / "results.md")
     return summary
@@ -668,22 +672,25 @@ def _ci(m: float, ci: list[float]) -> str:
     return f"{m:+.4f} [{ci[0]:+.4f}, {ci[1]:+.4f}]"
 
 
-def markdown_table(table: list[dict], diffs: dict, s: Settings) -> str:
-    lines = [f"Final checkpoints (step {table[0]['step']}), {table[0]['seeds']} training seed(s) pooled. Gain = loss "
-             "of meta-chunks 2..p with the earlier meta-chunks replaced minus the loss as built (nats/token), "
-             "mean over evaluation documents with a 95% CI.", "",
-             "| training data | train loss (last 10 steps) | held-out loss OpenStax | held-out loss Python docs | "
-             "long-range gain OpenStax | long-range gain Python docs | passkey accuracy | passkey key log-prob |",
-             "|---|---|---|---|---|---|---|---|"]
+def markdown_table(table: list[dict], diffs: dict, missing: list[str]) -> str:
+    lines = [f"Final checkpoints (step {table[0]['step']}), training seeds pooled per row. Gain = loss of meta-chunks "
+             "2..p with the earlier meta-chunks replaced minus the loss as built (nats/token), mean over evaluation "
+             "documents with a 95% CI.", "",
+             "| training data | seeds | train loss (last 10 steps) | held-out loss OpenStax | "
+             "held-out loss Python docs | long-range gain OpenStax | long-range gain Python docs | "
+             "passkey accuracy | passkey key log-prob |",
+             "|---|---|---|---|---|---|---|---|---|"]
     for t in table:
-        lines.append(f"| {t['method']} | {t['train_loss']:.3f} | {t['openstax_heldout_loss']:.3f} | "
+        lines.append(f"| {t['method']} | {t['seeds']} | {t['train_loss']:.3f} | {t['openstax_heldout_loss']:.3f} | "
                      f"{t['pydocs_heldout_loss']:.3f} | {_ci(t['openstax_gain'], t['openstax_gain_ci'])} | "
                      f"{_ci(t['pydocs_gain'], t['pydocs_gain_ci'])} | {t['passkey_accuracy']:.3f} | "
                      f"{t['passkey_key_logprob']:.2f} |")
     for name, dd in diffs.items():
         lines.append("")
-        lines.append(f"NExtLong minus Standard, long-range gain on {name} (paired over {dd['documents']} documents): "
-                     f"{_ci(dd['gain_difference'], dd['ci'])}")
+        lines.append(f"NExtLong minus Standard, long-range gain on {name} (paired over {dd['documents']} documents, "
+                     f"seeds {', '.join(map(str, dd['seeds']))}): {_ci(dd['gain_difference'], dd['ci'])}")
+    if missing:
+        lines += ["", f"Runs without a final checkpoint (not in the rows above): {', '.join(missing)}."]
     return "\n".join(lines) + "\n"
 
 
