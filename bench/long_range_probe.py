@@ -394,7 +394,7 @@ def fix_hf_config(hf: Path, cfg: dict, tok: Path) -> None:
 def verify_start(s: Settings, env: Env, out: Path) -> tuple:
     """Launch the verification runs (they need a few minutes to start; the evaluation runs meanwhile).
 
-    Restart GPT-NeoX from each run's final checkpoint (``finetune: true``: weights only) for one step on a
+    Resume GPT-NeoX from each run's last checkpoint for one more step on a
     dataset of one held-out sample of exactly ``seq_length`` tokens (every packed sample is then that sample
     plus its first token), dump the logits of the first loss call (the forward pass before the update) and
     compare them with the converted HF model's logits on the same tokens."""
@@ -425,7 +425,9 @@ def verify_start(s: Settings, env: Env, out: Path) -> tuple:
             rd.mkdir()
             cfg = yaml.safe_load((d / "config.yml").read_text())
             text = f"{prefix}_text_document"
-            cfg.update(load=str(d / "checkpoints"), finetune=True, train_iters=1, lr_decay_iters=1,
+            # a normal resume (weights, optimizer, schedule) for one more step: DeeperSpeed's weights-only load
+            # (finetune: true) calls an fp32-refresh method torch's Adam does not have
+            cfg.update(load=str(d / "checkpoints"), train_iters=checkpoint_steps(d)[-1] + 1,
                        train_data_paths=[text], valid_data_paths=[text], test_data_paths=[text],
                        checkpoint_factor=1000, eval_interval=1000, eval_iters=1, log_dir=str(rd / "logs"),
                        master_port=env.master_port + 100 + 10 * si + mi)
