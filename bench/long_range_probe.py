@@ -19,9 +19,9 @@ settings; the settings are recorded in ``<out>/settings.json`` and a different o
    dataset with real GPT-NeoX, ``neox_plugin`` on, through ``deepy.py train.py``: same config, seeds and steps;
    only the data path differs. Checkpoints at ``--checkpoints`` evenly spaced steps.
 5. **convert**: every checkpoint to HuggingFace Llama with GPT-NeoX's ``tools/ckpts/convert_neox_to_hf.py``
-   (what ``launch/convert.sbatch`` runs); the final checkpoint of each run is **verified**: GPT-NeoX is
-   restarted from it for one more step with the plugin's logit dump on, and the HF model's logits on the same
-   tokens must equal GPT-NeoX's.
+   (what ``launch/convert.sbatch`` runs); the last checkpoint of each run of the first seed is **verified**:
+   GPT-NeoX resumes from it for one more step with the plugin's logit dump on, and the HF model's logits on the
+   same tokens must equal GPT-NeoX's.
 6. **eval**: on every checkpoint, the long-range gain (``nextlong.evaluation.longrange``), held-out loss and
    passkey retrieval (``nextlong.evaluation.passkey``).
 7. **report**: ``results.csv``, ``results.md``, ``summary.json``, PNG plots (gain vs distance, gain and loss
@@ -413,7 +413,7 @@ def verify_start(s: Settings, env: Env, out: Path) -> tuple:
             wt.add_document(sample)
             wm.add_document(np.ones(len(sample), np.uint8))
     results, procs = {}, []
-    for si, seed in enumerate(s.seeds):
+    for si, seed in enumerate(s.seeds[:1]):  # the first seed's runs (one GPT-NeoX process per method)
         for mi, method in enumerate(s.methods):
             d = run_dir(out, method, seed)
             rd = vd / d.name
@@ -543,7 +543,7 @@ def _eval_one(args: tuple) -> dict:
     return res
 
 
-def evaluate(s: Settings, out: Path, tok: Path, workers: int = 2) -> None:
+def evaluate(s: Settings, out: Path, tok: Path, workers: int = 3) -> None:
     """Every converted checkpoint, final checkpoints first; results in runs/<run>/eval/step<N>.json."""
     from concurrent.futures import ProcessPoolExecutor
 
