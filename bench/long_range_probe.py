@@ -348,8 +348,9 @@ def convert_runs(s: Settings, env: Env, out: Path, tok: Path, parallel: int = 4)
                 if p.wait() != 0:
                     log = (hf / "convert.log").read_text(errors="replace")[-3000:]
                     raise RuntimeError(f"conversion of {hf} failed; log {hf / 'convert.log'}:\n{log}")
-                fix_hf_config(hf, yaml.safe_load((d / "config.yml").read_text()), tok)
-                _mark(hf)
+                cfg = yaml.safe_load((d / "config.yml").read_text())
+                fix_hf_config(hf, cfg, tok)
+                _mark(hf, {"qkv_resplit_per_head": fix_mha_qkv(hf, cfg)})
                 LOG.info("converted %s", hf)
                 running.remove(item)
 
@@ -371,6 +372,38 @@ def convert_runs(s: Settings, env: Env, out: Path, tok: Path, parallel: int = 4)
         running.append((d, hf, subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=e)))
     reap(True)
     return models
+
+
+def fix_mha_qkv(hf: Path, cfg: dict) -> bool:
+    """Re-split the attention projections of a converted model without grouped-query attention.
+
+    GPT-NeoX lays its fused ``query_key_value`` weight out per head (``[heads, 3, head_dim]``) when
+    ``num_kv_heads`` is unset or equal to the head count, and in blocks ``[q | k | v]`` only with grouped-query
+    attention; ``convert_neox_to_hf.py --architecture llama`` (commit ea7aefd8) always splits it in blocks. For
+    a multi-head model this rebuilds the fused weight from the converter's q, k, v and splits it per head. The
+    conversion check (GPT-NeoX's logits against the HF model's) verifies the result. Returns True when changed.
+    """
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    heads = int(cfg["num_attention_heads"])
+    if int(cfg.get("num_kv_heads") or heads) != heads:
+        return False
+    files = sorted(hf.glob("*.safetensors"))
+    if len(files) != 1:
+        raise RuntimeError(f"{hf}: expected one safetensors file, found {len(files)}")
+    sd = load_file(str(files[0]))
+    hd = int(cfg["hidden_size"]) // heads
+    for name in [k for k in sd if k.endswith("self_attn.q_proj.weight")]:
+        base = name[: -len("q_proj.weight")]
+        fused = torch.cat([sd[base + "q_proj.weight"], sd[base + "k_proj.weight"], sd[base + "v_proj.weight"]])
+        per_head = fused.view(heads, 3, hd, -1)
+        for i, part in enumerate(("q_proj", "k_proj", "v_proj")):
+            sd[f"{base}{part}.weight"] = per_head[:, i].reshape(heads * hd, -1).contiguous()
+    tmp = files[0].with_suffix(".tmp")
+    save_file(sd, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, files[0])
+    return True
 
 
 def fix_hf_config(hf: Path, cfg: dict, tok: Path) -> None:
