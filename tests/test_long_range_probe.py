@@ -98,3 +98,27 @@ def test_quick_experiment_end_to_end(tmp_path, openstax_path, capsys):
     # a rerun finds every stage done
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "train nextlong" not in again.stderr
+
+
+def test_mha_qkv_resplit_per_head(tmp_path):
+    """GPT-NeoX's fused QKV of a multi-head model is per head ([heads, 3, head_dim]); the converter splits it in
+    blocks. After fix_mha_qkv the HF q/k/v are the per-head slices; a grouped-query config is left alone."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    heads, hd, hidden = 4, 8, 32
+    fused = torch.randn(3 * heads * hd, hidden)
+    blocks = fused.split(heads * hd)  # what the converter writes
+    sd = {"model.layers.0.self_attn.q_proj.weight": blocks[0].clone(),
+          "model.layers.0.self_attn.k_proj.weight": blocks[1].clone(),
+          "model.layers.0.self_attn.v_proj.weight": blocks[2].clone(),
+          "model.layers.0.mlp.up_proj.weight": torch.randn(3, 3)}
+    save_file(sd, str(tmp_path / "model.safetensors"))
+    assert not lrp.fix_mha_qkv(tmp_path, {"num_attention_heads": heads, "num_kv_heads": 2, "hidden_size": hidden})
+    assert lrp.fix_mha_qkv(tmp_path, {"num_attention_heads": heads, "hidden_size": hidden})
+    out = load_file(str(tmp_path / "model.safetensors"))
+    per_head = fused.view(heads, 3, hd, hidden)
+    for i, name in enumerate(("q_proj", "k_proj", "v_proj")):
+        torch.testing.assert_close(out[f"model.layers.0.self_attn.{name}.weight"],
+                                   per_head[:, i].reshape(heads * hd, hidden), rtol=0, atol=0)
+    torch.testing.assert_close(out["model.layers.0.mlp.up_proj.weight"], sd["model.layers.0.mlp.up_proj.weight"])
