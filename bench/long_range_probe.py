@@ -72,7 +72,7 @@ class Settings:
     max_docs: int | None = None  # read only the first max_docs corpus documents (None: all)
     vocab_size: int = 4096  # BPE vocabulary trained on the training documents
     seq_length: int = 2048  # training and evaluation sample length in tokens
-    granularity: int = 512  # chunk size in characters (about 140 tokens with this vocabulary)
+    granularity: int = 512  # maximum chunk size in characters (meta-chunks of ~100 tokens with this vocabulary)
     candidates: int = 64  # FAISS candidates per meta-chunk
     methods: tuple[str, ...] = ("nextlong", "standard")  # training datasets (make_nextlong_bin.py --method)
     train_samples: int = 5000  # samples of each training dataset (both cut to the same count)
