@@ -27,7 +27,7 @@ setup(
     long_description_content_type="text/markdown",
     license="Apache-2.0",
     python_requires=">=3.10",
-    packages=["nextlong", "neox_plugin"],
+    packages=["nextlong", "nextlong.evaluation", "neox_plugin"],
     package_dir={"nextlong": "preprocessing/nextlong", "neox_plugin": "neox_plugin"},
     install_requires=[
         "numpy>=1.24",
