@@ -5,14 +5,15 @@ tests/test_neox_integration.py: ``NEOX_PYTHON``, ``NEOX_CPU_SHIM_DIR``).
 
 Two documents A and B of 64 tokens each, both containing the tokenizer's end-of-text id in their
 middle, are written as separate sequences of a ``.bin/.idx`` pair, alternating. With
-``pack_impl: packed`` and ``seq_length: 128`` every GPT-NeoX row is A + B + A[0]; with
-``pack_impl: unpacked`` every row is one document, zero-padded. The tiny model (2 ``global``
-layers, RoPE) is run three times from the same seed and the logits of the first loss call are
-dumped (``NEXTLONG_DEBUG_DUMP_DIR``):
+``pack_impl: packed`` and ``seq_length: 128`` every GPT-NeoX row is A + B + A[0]. A second pair
+holds A, A, B, B, ...: its rows start with A or with B, and causal attention makes the first
+document of a row exactly that document alone. The tiny model (2 ``global`` layers, RoPE) is run
+three times from the same seed and the logits of the first two loss calls are dumped
+(``NEXTLONG_DEBUG_DUMP_DIR``):
 
 * packed, key on: the per-token losses over A's and B's tokens equal those of A alone and B alone
-  (the unpacked run, stock GPT-NeoX) within float tolerance, and the two cross-document predictions
-  (A's last token -> B[0], B's last token -> A[0]) have weight 0;
+  (the A, A, B, B run, stock GPT-NeoX) within float tolerance, and the two cross-document
+  predictions (A's last token -> B[0], B's last token -> A[0]) have weight 0;
 * packed, key off (stock attention): A's losses are the same (causal), B's differ;
 * GPT-NeoX's own ``GPT2Dataset`` gives per-token document ids that change exactly at sequence
   boundaries, not at the end-of-text ids inside the documents, in all three ``pack_impl`` modes.
@@ -86,16 +87,19 @@ def work(tmp_path_factory) -> dict:
     tok = root / "tokenizer.json"
     subprocess.run([NEOX_PYTHON, "-c", TOKENIZER_SCRIPT, str(tok)], check=True, env=_env())
     a, b = _docs()
-    text, mask = root / "ab_text_document", root / "ab_lossweight_document"
-    with IndexedDatasetWriter(str(text), np.uint16) as wt, IndexedDatasetWriter(str(mask), np.uint8) as wm:
-        for _ in range(20):
-            for d in (a, b):
-                wt.add_document(d)
-                wm.add_document(np.ones(DOC, dtype=np.uint8))
-    return {"root": root, "tok": tok, "text": str(text), "a": a, "b": b}
+    out = {"root": root, "tok": tok, "a": a, "b": b}
+    for name, order in (("ab", (a, b)), ("aabb", (a, a, b, b))):
+        text, mask = root / f"{name}_text_document", root / f"{name}_lossweight_document"
+        with IndexedDatasetWriter(str(text), np.uint16) as wt, IndexedDatasetWriter(str(mask), np.uint8) as wm:
+            for _ in range(10):
+                for d in order:
+                    wt.add_document(d)
+                    wm.add_document(np.ones(DOC, dtype=np.uint8))
+        out[name] = str(text)
+    return out
 
 
-def _run(w: dict, name: str, **changes) -> dict:
+def _run(w: dict, name: str, data: str = "ab", **changes) -> dict:
     import torch
     import yaml
 
@@ -106,7 +110,8 @@ def _run(w: dict, name: str, **changes) -> dict:
     cfg.update(changes)
     run = w["root"] / name
     run.mkdir()
-    cfg.update({"train_data_paths": [w["text"]], "valid_data_paths": [w["text"]], "test_data_paths": [w["text"]],
+    text = w[data]
+    cfg.update({"train_data_paths": [text], "valid_data_paths": [text], "test_data_paths": [text],
                 "vocab_file": str(w["tok"]), "save": str(run / "checkpoints"), "log_dir": str(run / "logs")})
     (run / "cfg.yml").write_text(yaml.safe_dump(cfg))
     dump = run / "dump"
@@ -137,7 +142,7 @@ def test_packed_document_losses_equal_each_document_alone(work: dict, capsys) ->
     a, b = work["a"], work["b"]
     on = _run(work, "packed_on", nextlong_document_attention=True)
     off = _run(work, "packed_off")
-    alone = _run(work, "alone", pack_impl="unpacked")
+    alone = _run(work, "alone", data="aabb")
     assert "nextlong_document_attention on" in on["log"]
 
     packed_labels = np.concatenate([a[1:], b, a[:1]])
@@ -178,8 +183,8 @@ def test_refused_with_a_layer_type_it_cannot_mask(work: dict) -> None:
 
     cfg = yaml.safe_load((REPO / "configs" / "neox" / "tiny_cpu.yml").read_text())
     cfg.update({"nextlong_document_attention": True, "pos_emb": "learned",
-                "train_data_paths": [work["text"]], "valid_data_paths": [work["text"]],
-                "test_data_paths": [work["text"]], "vocab_file": str(work["tok"]),
+                "train_data_paths": [work["ab"]], "valid_data_paths": [work["ab"]],
+                "test_data_paths": [work["ab"]], "vocab_file": str(work["tok"]),
                 "save": str(run / "checkpoints"), "log_dir": str(run / "logs")})
     (run / "cfg.yml").write_text(yaml.safe_dump(cfg))
     proc = subprocess.run([NEOX_PYTHON, "deepy.py", "train.py", str(run / "cfg.yml")], cwd=NEOX_DIR, env=_env(),
