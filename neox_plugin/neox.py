@@ -18,7 +18,9 @@ megatron.data.data_utils              mask readers attached to every dataset; al
 megatron.training                     ``_get_batch`` broadcasts the mask (uint8) over the
                                       tensor-parallel group, shifts it like the labels and turns
                                       it into normalized weights in ``loss_mask``;
-                                      ``cross_entropy`` is the weighted, chunked loss
+                                      ``cross_entropy`` is the weighted, chunked loss;
+                                      ``get_batch_sequential`` keeps the document-attention
+                                      carrier instead of rebuilding the mask
 megatron.model.gpt2_model             ``cross_entropy`` (the ``PipelineModule`` ``loss_fn``) is the
                                       same weighted loss
 megatron.utils                        ``get_attn_mask`` returns a (1, 1, 1, 1) placeholder instead
@@ -435,7 +437,31 @@ def patch_training(module: Any) -> bool:
     module._get_batch = _get_batch
     module.forward_step = _make_forward_step(module.forward_step)
     module.cross_entropy = _make_cross_entropy(module.cross_entropy)
+    _patch_batch_sequential(module)
     return True
+
+
+def _patch_batch_sequential(module: Any) -> None:
+    """Keep the document carrier in the non-pipeline path.
+
+    Without pipeline parallelism GPT-NeoX's ``SequentialWrapper`` runs ``get_batch_sequential`` on the
+    model input, which rebuilds the attention mask from the tokens and drops the one ``_get_batch``
+    made. With the carrier of ``nextlong_document_attention`` in the input, it is passed on instead.
+    """
+    original = getattr(module, "get_batch_sequential", None)
+    if original is None or getattr(original, "_nextlong", False):
+        return
+
+    @functools.wraps(original)
+    def get_batch_sequential(forward_input: Any, neox_args: Any) -> Any:
+        from neox_plugin.document_attention import is_document_starts
+
+        if len(forward_input) == 3 and is_document_starts(forward_input[2]):
+            return tuple(forward_input)
+        return original(forward_input, neox_args)
+
+    get_batch_sequential._nextlong = True  # type: ignore[attr-defined]
+    module.get_batch_sequential = get_batch_sequential
 
 
 def document_masks(data: Any, out: tuple) -> tuple:

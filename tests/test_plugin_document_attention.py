@@ -200,3 +200,21 @@ def test_refused_where_it_cannot_be_honoured(change: dict, message: str) -> None
 def test_key_must_be_a_bool() -> None:
     with pytest.raises(NExtLongConfigError, match="nextlong_document_attention must be true or false"):
         config_from_args({**LLAMA, "nextlong_document_attention": "yes"})
+
+
+def test_sequential_path_keeps_the_carrier() -> None:
+    """GPT-NeoX's get_batch_sequential rebuilds the mask from the tokens; with the carrier it is passed on."""
+    import types
+
+    from neox_plugin.neox import _patch_batch_sequential
+
+    def get_batch_sequential(forward_input, neox_args):
+        return (forward_input[0], forward_input[1], torch.ones(1, 1, 4, 4, dtype=torch.bool))
+
+    module = types.SimpleNamespace(get_batch_sequential=get_batch_sequential)
+    _patch_batch_sequential(module)
+    tokens, pos = torch.zeros(2, 4, dtype=torch.long), torch.arange(4).expand(2, 4)
+    carrier = torch.ones(2, 1, 1, 4, dtype=torch.bool)
+    assert module.get_batch_sequential((tokens, pos, carrier), None)[2] is carrier
+    stock = module.get_batch_sequential((tokens, pos, torch.ones(1, 1, 1, 1, dtype=torch.bool)), None)
+    assert stock[2].shape == (1, 1, 4, 4)
