@@ -7,9 +7,11 @@ Two documents A and B of 64 tokens each, both containing the tokenizer's end-of-
 middle, are written as separate sequences of a ``.bin/.idx`` pair. With ``pack_impl: packed`` and
 ``seq_length: 128`` every GPT-NeoX row is two whole documents (A or B, in GPT-NeoX's shuffled
 order) plus the first token of a third. The tiny model (2 ``global`` layers, RoPE) is run twice
-from the same seed, with the key on and off, and the logits of the first loss call (4 rows, before
-any update) are dumped (``NEXTLONG_DEBUG_DUMP_DIR``). In every row, the first document is that document alone
-(causal attention: nothing precedes it), so stock GPT-NeoX's first halves are the reference:
+from the same seed, with the key on and off, without a pipeline and with one
+(``pipe_parallel_size: 1``, DeepSpeed's PipelineModule), and the logits of the first loss call
+(4 rows, before any update) are dumped (``NEXTLONG_DEBUG_DUMP_DIR``). In every row, the first
+document is that document alone (causal attention: nothing precedes it), so stock GPT-NeoX's first
+halves are the reference:
 
 * key on: the per-token losses of the first and of the second document of each row equal those of
   that document alone within float tolerance, and the two cross-document predictions (first
@@ -145,10 +147,13 @@ def _which(labels: np.ndarray, docs: dict) -> str:
     raise AssertionError(f"labels {labels[:8]}... are not the tokens of a document")
 
 
-def test_packed_document_losses_equal_each_document_alone(work: dict, capsys) -> None:
+@pytest.mark.parametrize("pipe", [0, 1])
+def test_packed_document_losses_equal_each_document_alone(work: dict, pipe: int, capsys) -> None:
+    """pipe 0: GPT-NeoX's sequential model (get_batch_sequential); pipe 1: DeepSpeed's PipelineModule
+    (get_batch_pipe, the mask carried as the last activation), the path of the 512K recipe."""
     docs = {"A": work["a"], "B": work["b"]}
-    on = _run(work, "packed_on", nextlong_document_attention=True)
-    off = _run(work, "packed_off")
+    on = _run(work, f"packed_on_pipe{pipe}", nextlong_document_attention=True, pipe_parallel_size=pipe)
+    off = _run(work, f"packed_off_pipe{pipe}", pipe_parallel_size=pipe)
     assert "nextlong_document_attention on" in on["log"] and "nextlong_document_attention on" not in off["log"]
     np.testing.assert_array_equal(on["labels"], off["labels"])  # same seed, same rows
     n = DOC - 1  # predictions inside one document
@@ -167,6 +172,7 @@ def test_packed_document_losses_equal_each_document_alone(work: dict, capsys) ->
     diff_off_second = min(float(np.abs(off["loss"][r, DOC : DOC + n] - alone[s]).max()) for r, _, s in rows)
     w_on, w_off = on["weights"], off["weights"]
     figures = {
+        "pipe_parallel_size": pipe,
         "rows (first, second document)": [f"{f}{s}" for _, f, s in rows],
         "max |first doc, key on - alone|": diff_on_first,
         "max |second doc, key on - alone|": diff_on_second,
@@ -179,7 +185,7 @@ def test_packed_document_losses_equal_each_document_alone(work: dict, capsys) ->
             {float(w_on[r, DOC - 1]) for r, _, _ in rows} | {float(w_on[r, SEQ - 1]) for r, _, _ in rows}),
         "non-zero weights per row, key on / off": [int(np.count_nonzero(w_on[0])), int(np.count_nonzero(w_off[0]))],
     }
-    (work["root"] / "summary.json").write_text(json.dumps(figures, indent=1))
+    (work["root"] / f"summary_pipe{pipe}.json").write_text(json.dumps(figures, indent=1))
     with capsys.disabled():
         print(f"\n[neox document attention] {json.dumps(figures)}")
     for r, first, second in rows:
