@@ -40,7 +40,7 @@ keys = ("global_num_gpus", "train_batch_size", "train_micro_batch_size_per_gpu",
         "train_data_paths", "load", "save", "vocab_file", "config_files")
 out = {k: getattr(args, k) for k in keys}
 out["config_files"] = sorted(out["config_files"])
-out["deepspeed_main_args_end"] = main_args[-4:-2]
+out["deepspeed_main_flags"] = [a for a in main_args if a.startswith("--")]
 print("RESULT " + json.dumps(out))
 """
 
@@ -64,6 +64,7 @@ def test_deepy_parses_the_one_file_recipe(recipe: str, nodes: int, tmp_path: Pat
     with capsys.disabled():
         print(f"\n[one-file recipe] NeoXArgs.consume_deepy_args(['train.py', 'configs/neox/{recipe}']): {line}")
     assert got["config_files"] == [recipe]
+    assert {"--deepspeed_config", "--megatron_config"} <= set(got["deepspeed_main_flags"])
     assert got["global_num_gpus"] == 8 * nodes
     assert got["train_batch_size"] * got["seq_length"] == 4_194_304
     assert (got["num_layers"], got["hidden_size"], got["num_kv_heads"]) == (32, 4096, 8)
