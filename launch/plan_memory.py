@@ -472,10 +472,48 @@ def plan_stage(cfg: dict[str, Any], batch: Batch, stage: int, opts: Options) -> 
                 f"(4 B fp32 ones + 4 B tril + 1 B bool) x s^2 = 9 x {_fmt_int(s)}^2 ({why})",
             )
         )
+    if cfg.get("nextlong_document_attention"):
+        sp_out.fixed.extend(document_attention_terms(cfg, s, b, in_flight, pp))
     sp_out.fixed.append(
         Term("CUDA context, NCCL, allocator reserve", opts.overhead_gib * GIB, f"fixed {opts.overhead_gib:g} GiB")
     )
     return sp_out
+
+
+def _strings(value: Any) -> set[str]:
+    """Every string inside a nested list (the layer types of an ``attention_config``)."""
+    if isinstance(value, str):
+        return {value}
+    if isinstance(value, (list, tuple)):
+        return set().union(*(_strings(v) for v in value)) if value else set()
+    return set()
+
+
+def document_attention_terms(cfg: dict[str, Any], s: int, b: int, in_flight: int, pp: int) -> list[Term]:
+    """What ``nextlong_document_attention: true`` adds (neox_plugin.document_attention), per micro-batch.
+
+    Document ids int64 [b, s+1] (broadcast like the tokens), the bool start carrier [b, 1, 1, s] (per in-flight
+    micro-batch; sent between pipeline stages as fp16 like GPT-NeoX's mask), and for flash layers ``cu_seqlens``
+    (int32) with the int64 ``nonzero`` index it is built from, bounded by one document per token. ``global`` layers
+    also build a [b, 1, s, s] bool block-diagonal mask plus an int32 [b, s] cumulative sum.
+    """
+    ids = 8 * b * (s + 1)
+    carrier = (1 + (2 if pp > 1 else 0)) * b * s * in_flight
+    cu = 12 * (b * s + 1)
+    terms = [Term(
+        "document attention ids, starts, cu_seqlens",
+        ids + carrier + cu,
+        f"8 B x b x (s+1) ids + (1 B bool{' + 2 B fp16 pipeline buffer' if pp > 1 else ''}) x b x s x in-flight "
+        f"+ (4 B int32 + 8 B int64) x (b x s + 1) upper bound = 8 x {b} x {_fmt_int(s + 1)} + "
+        f"{1 + (2 if pp > 1 else 0)} x {b} x {_fmt_int(s)} x {in_flight} + 12 x {_fmt_int(b * s + 1)}",
+    )]
+    if "global" in _strings(cfg.get("attention_config") or ["global"]):  # GPT-NeoX's default layer type
+        terms.append(Term(
+            "block-diagonal mask (global layers)",
+            b * s * s + 4 * b * s,
+            f"1 B bool x b x s^2 + 4 B int32 x b x s = {b} x {_fmt_int(s)}^2 + 4 x {b} x {_fmt_int(s)}",
+        ))
+    return terms
 
 
 def plan(cfg: dict[str, Any], opts: Options) -> tuple[Batch, list[StagePlan]]:

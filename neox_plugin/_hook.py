@@ -4,7 +4,7 @@ Installed at interpreter start-up by the ``nextlong_neox_plugin.pth`` file (see
 :mod:`neox_plugin.install_hook`), so ``python deepy.py train.py cfg.yml`` and every rank the
 DeepSpeed or Slurm launcher starts are patched without changing GPT-NeoX or the command.
 
-The hook is a ``sys.meta_path`` finder that answers only for the seven GPT-NeoX module names in
+The hook is a ``sys.meta_path`` finder that answers only for the GPT-NeoX module names in
 :data:`TARGETS`: it lets the normal finders locate the module, then wraps its loader so the patch
 runs right after the module body. Nothing is imported until such a module is imported, so the cost
 for every other Python program is one small import at start-up. Set ``NEXTLONG_NEOX_PLUGIN=0`` to

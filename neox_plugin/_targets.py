@@ -14,5 +14,6 @@ TARGETS = frozenset(
         "megatron.training",
         "megatron.model.gpt2_model",
         "megatron.utils",
+        "megatron.model.transformer",
     }
 )

@@ -18,10 +18,16 @@ key                                  type           meaning
 ``nextlong_compact_attention_mask``  bool           replace GPT-NeoX's dense [s, s] causal mask with
                                                     a (1, 1, 1, 1) placeholder; every layer must be
                                                     of a type that never reads the mask
+``nextlong_document_attention``      bool           attention stays inside each packed sample
+                                                    (flash: varlen ``cu_seqlens``; global: a
+                                                    block-diagonal causal mask), and the first token
+                                                    of a sample is not predicted from the previous one
 ==================================== ============== =========================================
 
 ``nextlong_compact_attention_mask`` is independent of ``nextlong_lossweight``: it only changes
 the attention mask GPT-NeoX builds per batch (see :func:`check_compact_attention_mask`).
+``nextlong_document_attention`` is independent of both (see :func:`check_document_attention` and
+:mod:`neox_plugin.document_attention`).
 """
 
 from __future__ import annotations
@@ -51,9 +57,9 @@ MASK_PADDING = 255
 
 SPLITS: tuple[str, ...] = ("train", "valid", "test")
 
-#: Default weight of hard-negative tokens. The paper's loss (Eq. 7) runs over all tokens,
-#: hard negatives included, so the default reproduces it; set 0.0 to train on the extended
-#: document only.
+#: Default weight of hard-negative tokens. The paper's loss (Eq. 6/7) runs over all tokens,
+#: hard negatives included, with no weights, so the default reproduces it; 0.0 (train on the
+#: extended document only) is an option of this plugin the paper does not evaluate.
 DEFAULT_NEGATIVE_LOSS_WEIGHT = 1.0
 DEFAULT_NORMALIZATION = "weight_sum"
 DEFAULT_CHUNK_SIZE = 0
@@ -68,12 +74,15 @@ KEY_DEFAULTS: dict[str, Any] = {
     "nextlong_loss_normalization": DEFAULT_NORMALIZATION,
     "nextlong_loss_chunk_size": DEFAULT_CHUNK_SIZE,
     "nextlong_compact_attention_mask": False,
+    "nextlong_document_attention": False,
 }
 
 #: The key that replaces GPT-NeoX's dense attention mask with a placeholder.
 COMPACT_MASK_KEY = "nextlong_compact_attention_mask"
+#: The key that keeps attention inside each packed sample.
+DOCUMENT_ATTENTION_KEY = "nextlong_document_attention"
 #: Keys that configure the loss weights (only meaningful with ``nextlong_lossweight: true``).
-LOSSWEIGHT_KEYS: tuple[str, ...] = tuple(k for k in KEY_DEFAULTS if k != COMPACT_MASK_KEY)
+LOSSWEIGHT_KEYS: tuple[str, ...] = tuple(k for k in KEY_DEFAULTS if k not in (COMPACT_MASK_KEY, DOCUMENT_ATTENTION_KEY))
 
 #: GPT-NeoX ``attention_config`` layer types whose forward pass never reads ``attention_mask``
 #: (GPT-NeoX ea7aefd8), with the code path that shows it. Only these are allowed with
@@ -158,6 +167,8 @@ class NExtLongConfig:
     #: Replace GPT-NeoX's dense causal mask with :data:`neox_plugin.neox.PLACEHOLDER_MASK_SHAPE` (independent
     #: of ``enabled``).
     compact_attention_mask: bool = False
+    #: Keep attention inside each packed sample (independent of ``enabled``; :mod:`neox_plugin.document_attention`).
+    document_attention: bool = False
     #: Resolved mask prefixes per split, parallel to the data prefixes (filled by :func:`config_from_args`).
     resolved: dict[str, list[str]] = field(default_factory=dict)
 
@@ -178,7 +189,7 @@ def validate_values(args: Any) -> None:
 
     Raises :class:`NExtLongConfigError` naming the offending key. Does not touch the file system.
     """
-    for key in ("nextlong_lossweight", COMPACT_MASK_KEY):
+    for key in ("nextlong_lossweight", COMPACT_MASK_KEY, DOCUMENT_ATTENTION_KEY):
         flag = _get(args, key)
         if not isinstance(flag, bool):
             raise NExtLongConfigError(f"{key} must be true or false, got {flag!r}")
@@ -217,9 +228,12 @@ def config_from_args(args: Any) -> NExtLongConfig:
         loss_normalization=_get(args, "nextlong_loss_normalization"),
         loss_chunk_size=int(_get(args, "nextlong_loss_chunk_size")),
         compact_attention_mask=_get(args, COMPACT_MASK_KEY),
+        document_attention=_get(args, DOCUMENT_ATTENTION_KEY),
     )
     if cfg.compact_attention_mask:
         check_compact_attention_mask(args)
+    if cfg.document_attention:
+        check_document_attention(args)
     if not cfg.enabled:
         changed = [k for k in LOSSWEIGHT_KEYS if k != "nextlong_lossweight" and _get(args, k) != KEY_DEFAULTS[k]]
         if changed:
@@ -332,3 +346,70 @@ def check_compact_attention_mask(args: Any) -> None:
             + f". Use only the layer types {sorted(MASK_FREE_LAYER_TYPES)} in attention_config (e.g. "
             f'[[["flash"], num_layers]]) or set {COMPACT_MASK_KEY}: false'
         )
+
+
+# --------------------------------------------------------------------------------------------
+# nextlong_document_attention
+# --------------------------------------------------------------------------------------------
+
+#: Layer types document attention can mask exactly, with how.
+DOCUMENT_LAYER_TYPES: dict[str, str] = {
+    "flash": "flash-attn's varlen kernel with per-document cu_seqlens",
+    "global": "a block-diagonal causal [b, 1, s, s] mask",
+}
+#: Layer types refused with the key, with why (any other unknown type is refused too).
+DOCUMENT_REFUSED_LAYER_TYPES: dict[str, str] = {
+    **{k: "sparse attention kernels take a shared [s, s] layout, not a per-sample block-diagonal mask"
+       for k in ("local", "sparse_fixed", "sparse_variable", "bigbird", "bslongformer")},
+    "mamba": "a recurrent state runs across the whole row and cannot be reset at document boundaries",
+    "rwkv": "a recurrent state runs across the whole row and cannot be reset at document boundaries",
+    "gmlp": "the spatial gating unit mixes all positions of the row",
+    "amlp": "the spatial gating unit mixes all positions of the row",
+}
+#: ``pos_emb`` values with which per-document outputs equal each document alone (relative encodings, or none).
+DOCUMENT_POS_EMB: tuple[str, ...] = ("rotary", "alibi", "rpe", "none")
+
+
+def check_document_attention(args: Any) -> None:
+    """Refuse ``nextlong_document_attention: true`` where it cannot be honoured; the error names what to change.
+
+    Allowed: layer types ``flash`` and ``global`` (:data:`DOCUMENT_LAYER_TYPES`), relative or no position
+    encoding (positions run on across the packed row, as in ProLong, which is exact only when attention
+    depends on distances), ``train_impl: normal``, ``dataset_impl: gpt2`` (its ``GPT2Dataset`` knows the
+    sequence boundaries), pipeline stages (the boundary carrier is a bool activation like GPT-NeoX's mask)
+    and sequence parallelism (the QKV projection gathers the whole sequence before attention).
+    Refused: other layer types, TransformerEngine attention, the upper-triangular fused softmax (it
+    ignores the mask), absolute position embeddings, curriculum learning (it cuts the mask as [s, s]).
+    """
+    key = DOCUMENT_ATTENTION_KEY
+    layers = expand_attention_config(_get(args, "attention_config"), _get(args, "num_layers"))
+    problems: list[str] = []
+    offending: dict[str, list[int]] = {}
+    for i, kind in enumerate(layers):
+        if kind not in DOCUMENT_LAYER_TYPES:
+            offending.setdefault(str(kind), []).append(i)
+    for kind, idx in offending.items():
+        why = DOCUMENT_REFUSED_LAYER_TYPES.get(kind, "unknown layer type")
+        problems.append(f"attention_config has {kind!r} at layer{'s' if len(idx) > 1 else ''} "
+                        f"{_layer_ranges(idx)} ({why}); use flash or global")
+    for switch, why in MASK_READING_SWITCHES.items():
+        if _get(args, switch):
+            problems.append(f"{switch}: true ({why} as a shared causal mask; not supported)")
+    if "global" in layers and _get(args, "scaled_upper_triang_masked_softmax_fusion"):
+        problems.append("scaled_upper_triang_masked_softmax_fusion: true on global layers (the fused kernel "
+                        "applies its own causal mask and ignores the document mask); use scaled_masked_softmax_fusion")
+    pos = _get(args, "pos_emb") or "learned"
+    if pos not in DOCUMENT_POS_EMB:
+        problems.append(f"pos_emb: {pos} (absolute positions run on across the packed row, so a document's "
+                        f"outputs would depend on where it sits; use one of {list(DOCUMENT_POS_EMB)})")
+    impl = _get(args, "train_impl")
+    if impl not in (None, "normal"):
+        problems.append(f"train_impl: {impl} (only 'normal' builds batches with document boundaries)")
+    ds = _get(args, "dataset_impl")
+    if ds not in (None, "gpt2"):
+        problems.append(f"dataset_impl: {ds} (only GPT2Dataset carries the document boundaries)")
+    if _get(args, "curriculum_learning"):
+        problems.append("curriculum_learning: true (it cuts the attention mask as a dense [s, s] mask)")
+    if problems:
+        raise NExtLongConfigError(f"{key} is true but cannot be honoured: " + "; ".join(problems)
+                                  + f". Change these or set {key}: false")

@@ -73,7 +73,9 @@ def normalize_weights(
     * ``all_tokens``: number of tokens that count at all: ``valid_mask != 0`` (GPT-NeoX's own
       loss mask: labels ``-100`` and, with ``eod_mask_loss``, EOD tokens excluded; padding
       excluded), or every position when ``valid_mask`` is None. Hard negatives with weight 0
-      still count in the denominator, which is the paper's loss over all tokens (Eq. 7).
+      still count in the denominator. This is a choice of this plugin, not the paper's loss: the
+      paper's Eq. 6/7 sum the next-token loss over all tokens with no weights, which is
+      ``negative_loss_weight`` 1.0 (any normalization); the paper has no loss-weight experiment.
 
     A normalizer of 0 yields all-zero weights (loss 0, zero gradients). Returns float32.
     """

@@ -18,12 +18,17 @@ megatron.data.data_utils              mask readers attached to every dataset; al
 megatron.training                     ``_get_batch`` broadcasts the mask (uint8) over the
                                       tensor-parallel group, shifts it like the labels and turns
                                       it into normalized weights in ``loss_mask``;
-                                      ``cross_entropy`` is the weighted, chunked loss
+                                      ``cross_entropy`` is the weighted, chunked loss;
+                                      ``get_batch_sequential`` keeps the document-attention
+                                      carrier instead of rebuilding the mask
 megatron.model.gpt2_model             ``cross_entropy`` (the ``PipelineModule`` ``loss_fn``) is the
                                       same weighted loss
 megatron.utils                        ``get_attn_mask`` returns a (1, 1, 1, 1) placeholder instead
                                       of the dense [s, s] causal mask when
                                       ``nextlong_compact_attention_mask: true``
+megatron.model.transformer            ``ParallelSelfAttention`` keeps attention inside each packed
+                                      sample when ``nextlong_document_attention: true``
+                                      (:mod:`neox_plugin.document_attention`)
 ===================================== ===========================================================
 
 The attention-mask patch is governed by ``nextlong_compact_attention_mask`` alone (it works with
@@ -46,6 +51,7 @@ from typing import Any, Literal
 from neox_plugin._targets import TARGETS
 from neox_plugin.config import (
     COMPACT_MASK_KEY,
+    DOCUMENT_ATTENTION_KEY,
     KEY_DEFAULTS,
     MASK_FREE_LAYER_TYPES,
     NExtLongConfig,
@@ -53,13 +59,15 @@ from neox_plugin.config import (
     config_from_args,
 )
 from neox_plugin.data import BATCH_KEY, NExtLongDataError, make_mask_view, mask_sample, validate_splits
+from neox_plugin.document_attention import DOC_BATCH_KEY, DOCUMENT_PATCH, document_ids_sample
 
 logger = logging.getLogger(__name__)
 
 #: Patch that must be in place before training with ``nextlong_compact_attention_mask: true``.
 COMPACT_MASK_PATCH = "megatron.utils"
-#: Patches that must all be in place before training with the plugin: every hooked module but the mask one.
-REQUIRED_PATCHES = tuple(sorted(TARGETS - {COMPACT_MASK_PATCH}))
+#: Patches that must all be in place before training with the plugin: every hooked module but the two
+#: attention ones (each checked when its own key is on).
+REQUIRED_PATCHES = tuple(sorted(TARGETS - {COMPACT_MASK_PATCH, DOCUMENT_PATCH}))
 
 #: Shape of the placeholder ``get_attn_mask`` returns with ``nextlong_compact_attention_mask: true``.
 PLACEHOLDER_MASK_SHAPE = (1, 1, 1, 1)
@@ -93,6 +101,8 @@ def set_config(args: Any) -> NExtLongConfig:
             "NExtLong loss weights on: negative weight %s, normalization %s, chunk %s",
             cfg.negative_loss_weight, cfg.loss_normalization, cfg.loss_chunk_size,
         )
+    if cfg.document_attention:
+        logger.info("%s on: attention stays inside each packed sample", DOCUMENT_ATTENTION_KEY)
     if cfg.compact_attention_mask:
         logger.info("%s on: get_attn_mask returns a %s placeholder (layer types allowed: %s)",
                     COMPACT_MASK_KEY, PLACEHOLDER_MASK_SHAPE, ", ".join(sorted(MASK_FREE_LAYER_TYPES)))
@@ -168,6 +178,10 @@ def _args_mixin(base: type) -> type:
         """NExtLong: get_attn_mask returns a (1, 1, 1, 1) placeholder instead of the dense [s, s] causal mask
         (every layer must be flash or another type that never reads the mask)."""
 
+        nextlong_document_attention: bool = KEY_DEFAULTS["nextlong_document_attention"]
+        """NExtLong: attention stays inside each packed sample (flash: varlen cu_seqlens per document; global:
+        block-diagonal causal mask); the first token of a sample is not predicted from the previous sample."""
+
     NeoXArgsTraining.__module__ = base.__module__
     NeoXArgsTraining.__qualname__ = base.__qualname__
     NeoXArgsTraining.__doc__ = (base.__doc__ or "") + "\n    (with the NExtLong loss-weight keys)\n"
@@ -225,6 +239,7 @@ def patch_gpt2_dataset(module: Any) -> bool:
     @functools.wraps(original)
     def getitem(self: Any, idx: int) -> dict:
         ret = original(self, idx)
+        add_document_ids(self, idx, ret, original)
         view = self.__dict__.get("_nextlong_mask_view")
         if view is not None:
             ret[BATCH_KEY] = mask_sample(view, idx, original)
@@ -237,6 +252,16 @@ def patch_gpt2_dataset(module: Any) -> bool:
     getitem._nextlong = True  # type: ignore[attr-defined]
     cls.__getitem__ = getitem
     return True
+
+
+def add_document_ids(dataset: Any, idx: int, ret: dict, original: Any) -> None:
+    """With ``nextlong_document_attention`` on, add the per-token document ids of sample ``idx`` to ``ret``."""
+    if not STATE.config.document_attention:
+        return
+    ids = document_ids_sample(dataset, idx, original)
+    if ids.shape != ret["text"].shape:
+        raise NExtLongDataError(f"document ids of sample {idx} have shape {ids.shape}, text {ret['text'].shape}")
+    ret[DOC_BATCH_KEY] = ids
 
 
 def attach_mask(dataset: Any, mask_reader: Any) -> None:
@@ -393,6 +418,7 @@ def patch_training(module: Any) -> bool:
     @functools.wraps(orig_get)
     def _get_batch(neox_args: Any, tokenizer: Any, keys: Any, data: Any, datatype: Any, *a: Any, **kw: Any) -> Any:
         out = orig_get(neox_args, tokenizer, keys, data, datatype, *a, **kw)
+        out = document_masks(data, out)
         if not STATE.enabled:
             return out
         import torch
@@ -412,7 +438,58 @@ def patch_training(module: Any) -> bool:
     module._get_batch = _get_batch
     module.forward_step = _make_forward_step(module.forward_step)
     module.cross_entropy = _make_cross_entropy(module.cross_entropy)
+    _patch_batch_sequential(module)
     return True
+
+
+def _patch_batch_sequential(module: Any) -> None:
+    """Keep the document carrier in the non-pipeline path.
+
+    Without pipeline parallelism GPT-NeoX's ``SequentialWrapper`` runs ``get_batch_sequential`` on the
+    model input, which rebuilds the attention mask from the tokens and drops the one ``_get_batch``
+    made. With the carrier of ``nextlong_document_attention`` in the input, it is passed on instead.
+    """
+    original = getattr(module, "get_batch_sequential", None)
+    if original is None or getattr(original, "_nextlong", False):
+        return
+
+    @functools.wraps(original)
+    def get_batch_sequential(forward_input: Any, neox_args: Any) -> Any:
+        from neox_plugin.document_attention import is_document_starts
+
+        if len(forward_input) == 3 and is_document_starts(forward_input[2]):
+            return tuple(forward_input)
+        return original(forward_input, neox_args)
+
+    get_batch_sequential._nextlong = True  # type: ignore[attr-defined]
+    module.get_batch_sequential = get_batch_sequential
+
+
+def document_masks(data: Any, out: tuple) -> tuple:
+    """With ``nextlong_document_attention`` on, replace ``_get_batch``'s attention mask by the document carrier
+    and zero the loss of cross-document predictions (:func:`neox_plugin.document_attention.document_batch`)."""
+    if not STATE.config.document_attention:
+        return out
+    import torch
+    from megatron import mpu
+
+    from neox_plugin.document_attention import document_batch
+
+    if DOCUMENT_PATCH not in STATE.applied:
+        reason = STATE.failed.get(DOCUMENT_PATCH, "not imported through the hook")
+        raise NExtLongConfigError(
+            f"{DOCUMENT_ATTENTION_KEY} is true but {DOCUMENT_PATCH}.ParallelSelfAttention could not be patched "
+            f"({reason}); see docs/neox_plugin.md"
+        )
+    if data is not None and DOC_BATCH_KEY not in data:
+        raise NExtLongDataError(
+            f"{DOCUMENT_ATTENTION_KEY} is true but the batch has no {DOC_BATCH_KEY!r}: the dataset is not GPT-NeoX's "
+            "GPT2Dataset patched by the plugin"
+        )
+    doc_ids = mpu.broadcast_data([DOC_BATCH_KEY], data, torch.int64)[DOC_BATCH_KEY]
+    tokens, labels, loss_mask, _attention_mask, position_ids = out
+    carrier, loss_mask = document_batch(doc_ids.to(loss_mask.device), loss_mask)
+    return tokens, labels, loss_mask, carrier, position_ids
 
 
 def _make_forward_step(original: Any) -> Any:
@@ -575,6 +652,12 @@ def patch_utils(module: Any) -> bool:
     return True
 
 
+def _patch_self_attention(module: Any) -> bool:
+    from neox_plugin.document_attention import patch_self_attention
+
+    return patch_self_attention(module)
+
+
 #: module name -> patch function, used by the import hook.
 PATCHES = {
     "megatron.neox_arguments.neox_args": patch_neox_args,
@@ -584,6 +667,7 @@ PATCHES = {
     "megatron.training": patch_training,
     "megatron.model.gpt2_model": patch_gpt2_model,
     "megatron.utils": patch_utils,
+    DOCUMENT_PATCH: _patch_self_attention,
 }
 
 

@@ -19,9 +19,11 @@ ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ROOT / "configs" / "neox"
 JSON_DIR = CONFIGS / "json"
 OURS = ("llama3_8b.yml", "llama3_128k.yml", "llama3_512k.yml", "site_example.yml", "site_example_512k.yml")
+PARTS = ("parts/training_128k.yml", "parts/training_512k.yml", "parts/paths_128k.yml", "parts/paths_512k.yml")
+#: the card's command: one file per recipe
 RECIPES = {
-    "128k": ("llama3_8b.yml", "llama3_128k.yml", "site_example.yml"),
-    "512k": ("llama3_8b.yml", "llama3_512k.yml", "site_example_512k.yml"),
+    "128k": ("llama3_128k.yml",),
+    "512k": ("llama3_512k.yml",),
 }
 
 
@@ -119,7 +121,7 @@ def test_every_config_parses(path: Path) -> None:
     assert isinstance(data, dict) and data
 
 
-@pytest.mark.parametrize("name", OURS)
+@pytest.mark.parametrize("name", OURS + PARTS)
 def test_every_key_is_commented(name: str) -> None:
     lines = (CONFIGS / name).read_text(encoding="utf-8").splitlines()
     key_line = re.compile(r"^\s*[A-Za-z_][\w-]*:")
@@ -130,10 +132,65 @@ def test_every_key_is_commented(name: str) -> None:
         assert "#" in line or prev.startswith("#"), f"{name}:{i + 1}: key without comment: {line.strip()}"
 
 
+def test_one_file_recipes_are_current() -> None:
+    """configs/neox/llama3_{128k,512k}.yml are exactly what `neox_configs.py recipes` makes from the parts."""
+    assert nc.stale_recipes() == []
+
+
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
-def test_files_merge_without_duplicates(recipe: str) -> None:
+def test_one_file_is_the_union_of_disjoint_parts(recipe: str) -> None:
     cfg = merged(recipe)
-    assert len(cfg) == sum(len(nc.read_config(CONFIGS / n)) for n in RECIPES[recipe])
+    parts = [nc.read_config(CONFIGS / p) for p in nc.RECIPE_PARTS[f"llama3_{recipe}.yml"]]
+    assert len(cfg) == sum(len(p) for p in parts)  # no key in two parts
+    for part in parts:
+        for key, value in part.items():
+            assert cfg[key] == value, key
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_architecture_has_one_source(recipe: str) -> None:
+    """Every architecture key of the one file equals llama3_8b.yml's, and no other part sets one."""
+    arch = nc.read_config(CONFIGS / "llama3_8b.yml")
+    cfg = merged(recipe)
+    assert {k: cfg[k] for k in arch} == arch
+    for part in nc.RECIPE_PARTS[f"llama3_{recipe}.yml"][1:]:
+        assert not set(nc.read_config(CONFIGS / part)) & set(arch), part
+
+
+@pytest.mark.parametrize("recipe", sorted(RECIPES))
+def test_default_paths_are_relative_and_documented(recipe: str) -> None:
+    cfg = merged(recipe)
+    paths = [*cfg["train_data_paths"], *cfg["valid_data_paths"], *cfg["test_data_paths"], cfg["vocab_file"],
+             cfg["load"], cfg["save"], cfg["log_dir"], cfg["tensorboard_dir"]]
+    for p in paths:
+        assert not p.startswith("/") and "$" not in p, p
+        assert p.split("/")[0] in {"data", "checkpoints", "logs"}, p
+    header = (CONFIGS / f"llama3_{recipe}.yml").read_text(encoding="utf-8")
+    assert f"python deepy.py train.py configs/neox/llama3_{recipe}.yml" in header
+    assert "relative to" in header and "site file" in header
+
+
+def test_site_file_replaces_paths_and_refuses_architecture(tmp_path: Path) -> None:
+    env = {"NEXTLONG_DATA": "/d", "NEXTLONG_CKPT": "/c", "NEXTLONG_LOGS": "/l"}
+    recipe = nc.read_config(CONFIGS / "llama3_128k.yml")
+    out = nc.apply_site(recipe, nc.render_site(nc.read_config(CONFIGS / "site_example.yml"), env, resume=False))
+    assert out["train_data_paths"] == ["/d/nextlong_128k_text_document"] and out["load"] == "/c/llama3_8b_neox_tp4"
+    assert out["launcher"] == "slurm" and out["hidden_size"] == 4096 and out["seq_length"] == 131072
+    assert set(out) >= set(recipe)
+    with pytest.raises(nc.SiteError, match="my_site.yml: key 'hidden_size' is architecture"):
+        nc.apply_site(recipe, {"hidden_size": 8192}, "my_site.yml")
+    site = tmp_path / "bad_site.yml"
+    site.write_text("num-layers: 16\n")
+    rc = nc.main(["site", "--recipe", str(CONFIGS / "llama3_128k.yml"), "--site", str(site),
+                  "--output", str(tmp_path / "run.yml")])
+    assert rc == 2 and not (tmp_path / "run.yml").exists()
+    good = tmp_path / "site.yml"
+    good.write_text("save: /elsewhere/ckpt\n")
+    assert nc.main(["site", "--recipe", str(CONFIGS / "llama3_512k.yml"), "--site", str(good),
+                    "--output", str(tmp_path / "run.json")]) == 0
+    run = nc.read_config(tmp_path / "run.json")
+    assert run["save"] == "/elsewhere/ckpt" and run["seq_length"] == 524288 and len(run) == len(
+        nc.read_config(CONFIGS / "llama3_512k.yml"))
 
 
 @pytest.mark.parametrize("recipe", sorted(RECIPES))
@@ -221,6 +278,10 @@ def test_nextlong_plugin_keys(recipe: str) -> None:
         assert all(p.endswith("_text_document") for p in cfg[f"{split}_data_paths"])
     if recipe == "512k":
         assert 0 < cfg["nextlong_loss_chunk_size"] < cfg["seq_length"]
+        assert cfg["nextlong_document_attention"] is True  # packs of eight NExtLong-64K samples
+    from neox_plugin.config import config_from_args
+
+    assert config_from_args(cfg).document_attention is cfg.get("nextlong_document_attention", False)
 
 
 def test_512k_data_mixture() -> None:

@@ -62,7 +62,7 @@ def test_train_script_slurm_settings() -> None:
         "--requeue",
         "--signal=B:USR1",
         "scontrol requeue",
-        "render-site --resume",
+        "site --resume",
         "deepy.py train.py",
         "SLURM_JOB_NUM_NODES",
     ):

@@ -3,10 +3,10 @@
 Skipped unless ``GPT_NEOX_DIR`` points at a GPT-NeoX checkout. The parse runs in ``NEOX_PYTHON`` (GPT-NeoX's
 environment; default: this interpreter) in a fresh process, exactly as ``deepy.py`` starts: ``DLTS_HOSTFILE``
 names a hostfile of 8 (128K) or 16 (512K) nodes x 8 slots, as ``launch/train.sbatch`` writes it, and
-``NeoXArgs.consume_deepy_args(["train.py", arch, recipe, site])`` then ``get_deepspeed_main_args()`` run
-unchanged with the plugin's hook active. The architecture and recipe files are passed as they are in the
-repository (YAML with comments, and the JSON variants the Slurm launcher uses); the site file is rendered by
-``launch/neox_configs.py render-site`` as the job does.
+``NeoXArgs.consume_deepy_args(["train.py", config])`` then ``get_deepspeed_main_args()`` run unchanged with the
+plugin's hook active. Two single files are parsed: the one-file recipe exactly as it is in the repository (the
+card's ``python deepy.py train.py configs/neox/llama3_128k.yml``), and the recipe with the example site file
+applied by ``launch/neox_configs.py site`` in the format the Slurm job writes it (JSON, no comments).
 
 Stand-ins, only where this machine cannot provide what the parse reads, and only when it is absent:
 
@@ -95,12 +95,10 @@ def _parse(tmp_path: Path, recipe: str) -> tuple[dict, dict]:
     hostfile.write_text("".join(f"node{i:03d} slots={GPUS_PER_NODE}\n" for i in range(nodes)))
     env_vars = {"NEXTLONG_DATA": str(tmp_path / "data"), "NEXTLONG_CKPT": str(tmp_path / "ckpt"),
                 "NEXTLONG_LOGS": str(tmp_path / "logs")}
-    files = {}
-    for fmt in ("yml", "json"):
-        site = tmp_path / f"site.{fmt}"
-        nc.write_config(nc.render_site(nc.read_config(CONFIGS / f"{site_name}.yml"), env_vars, resume=False), site)
-        cdir = CONFIGS if fmt == "yml" else CONFIGS / "json"
-        files[fmt] = [str(cdir / f"llama3_8b.{fmt}"), str(cdir / f"llama3_{recipe}.{fmt}"), str(site)]
+    site = nc.render_site(nc.read_config(CONFIGS / f"{site_name}.yml"), env_vars, resume=False)
+    job_config = tmp_path / f"llama3_{recipe}.json"
+    nc.write_config(nc.apply_site(nc.read_config(CONFIGS / f"llama3_{recipe}.yml"), site), job_config)
+    files = {"yml": [str(CONFIGS / f"llama3_{recipe}.yml")], "json": [str(job_config)]}
     dist = tmp_path / "stand_in" / f"flash_attn-{FLASH_ATTN_PIN}.dist-info"
     dist.mkdir(parents=True)
     (dist / "METADATA").write_text(f"Metadata-Version: 2.1\nName: flash-attn\nVersion: {FLASH_ATTN_PIN}\n")

@@ -46,7 +46,7 @@ def test_defaults_are_the_documented_ones() -> None:
     assert set(KEY_DEFAULTS) == {
         "nextlong_lossweight", "nextlong_train_lossweight_paths", "nextlong_valid_lossweight_paths",
         "nextlong_test_lossweight_paths", "nextlong_negative_loss_weight", "nextlong_loss_normalization",
-        "nextlong_loss_chunk_size", "nextlong_compact_attention_mask",
+        "nextlong_loss_chunk_size", "nextlong_compact_attention_mask", "nextlong_document_attention",
     }
     assert cfg.compact_attention_mask is False
 
