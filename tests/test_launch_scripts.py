@@ -93,11 +93,11 @@ def test_train_dry_run_prints_hostfile_and_command(tmp_path: Path) -> None:
     assert out[i + 1 : i + 4] == ["gpu007 slots=8", "gpu008 slots=8", "gpu011 slots=8"]
     assert (job / "hostfile").read_text().splitlines() == out[i + 1 : i + 4]
     assert f"DLTS_HOSTFILE={job / 'hostfile'} MASTER_ADDR=gpu007 MASTER_PORT=29500" in proc.stdout
-    cfg = ROOT / "configs" / "neox" / "json"
+    # one file: the recipe with the site file applied
     assert out[out.index("dry run: command") + 1] == (
-        f"cd /opt/gpt-neox && {sys.executable} deepy.py train.py {cfg / 'llama3_8b.json'} "
-        f"{cfg / 'llama3_128k.json'} {job / 'site.json'}")
-    site = json.loads((job / "site.json").read_text())
+        f"cd /opt/gpt-neox && {sys.executable} deepy.py train.py {job / 'llama3_128k.json'}")
+    site = json.loads((job / "llama3_128k.json").read_text())
+    assert site["seq_length"] == 131072 and site["num_layers"] == 32
     assert site["save"] == str(tmp_path / "ckpt" / "llama3_8b_nextlong_128k") and site["finetune"] is True
     assert "/data/nl" in json.dumps(site) and "${" not in json.dumps(site)
     assert not (job / "train.log").exists() and not (job / "plan_memory.txt").exists(), "nothing may run"
@@ -111,10 +111,10 @@ def test_train_dry_run_512k_resumes_and_rejects_bad_input(tmp_path: Path) -> Non
     assert proc.returncode == 0, proc.stderr
     job = tmp_path / "logs" / "runs" / "llama3_8b_nextlong_512k" / "job_4242_restart1"
     assert len((job / "hostfile").read_text().splitlines()) == 16
-    assert f"{ROOT / 'configs' / 'neox' / 'llama3_512k.yml'} {job / 'site.yml'}" in proc.stdout
+    assert f"deepy.py train.py {job / 'llama3_512k.yml'}" in proc.stdout
     import yaml
 
-    site = yaml.safe_load((job / "site.yml").read_text())
+    site = yaml.safe_load((job / "llama3_512k.yml").read_text())
     assert site["load"] == str(save) and site["finetune"] is False
     bad = _dry_run(tmp_path, "256k", "node1", 1)
     assert bad.returncode == 2 and "RECIPE must be 128k or 512k, got 256k" in bad.stderr
