@@ -96,8 +96,10 @@ def run(ctx: Ctx, unit: Unit) -> dict:
             for r, n in m["stats"]["dropped"].items():
                 dropped[r] = dropped.get(r, 0) + n
         p = synth.plan(ctx)
+        what = ("no meta-document fits in" if _advice(dropped).startswith("Raise")
+                else "the corpus is too small to fill even")
         raise SynthesisError(
-            f"the corpus cannot fill even one sample of {cfg.target_length} tokens: {len(p['order'])} "
+            f"{what} one sample of {cfg.target_length} tokens: {len(p['order'])} "
             f"meta-documents, {p['n_chunks']} chunks ({p['pool_tokens']} tokens) in the pool; dropped "
             f"{dict(sorted(dropped.items()))}. {_advice(dropped)}")
     d = version_dir(ctx)

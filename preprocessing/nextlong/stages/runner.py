@@ -250,12 +250,13 @@ def run_stage(ctx: Ctx, name: str, task_index: int | None = None) -> dict:
         log.info("%s: %d of %d unit(s) already done and intact", name, reused, len(rows))
     if hasattr(mod, "shared"):
         ctx.shared.update(mod.shared(ctx))
-    ran = _execute(ctx, name, rows, todo, markers, enough)
+    ran = _execute(ctx, name, rows, todo, markers, enough, local_pool=task_index is None)
     return {"units": len(rows), "reused": reused, "ran": ran, "redone_damaged": len(damaged),
             "wall_seconds": round(time.time() - t0, 3)}
 
 
-def _execute(ctx: Ctx, name: str, rows: list[dict], todo: list[dict], markers: list, enough) -> int:
+def _execute(ctx: Ctx, name: str, rows: list[dict], todo: list[dict], markers: list, enough,
+             local_pool: bool = True) -> int:
     """Run ``todo`` in index order; with ``enough``, stop once the done units suffice. Returns units run."""
     mod = MODULES[name]
     pos = {r["index"]: i for i, r in enumerate(rows)}
@@ -263,7 +264,7 @@ def _execute(ctx: Ctx, name: str, rows: list[dict], todo: list[dict], markers: l
         return 0
     bar = ctx.progress(total=len(todo), desc=name, unit="unit") if ctx.progress and len(todo) > 1 else None
     ran = 0
-    parallel = getattr(mod, "PARALLEL", False) and ctx.cfg.tasks > 1 and len(todo) > 1
+    parallel = local_pool and getattr(mod, "PARALLEL", False) and ctx.cfg.tasks > 1 and len(todo) > 1
     try:
         if not parallel:
             for r in todo:
