@@ -194,7 +194,8 @@ def test_second_run_on_the_same_prefix_is_refused(tmp_path, corpus, cl100k_json,
         status = subprocess.run(_cmd(corpus, cl100k_json, prefix, "--seed", "5", "--status"), capture_output=True,
                                 env=_env(), timeout=300, text=True)
         assert status.returncode == 0
-        assert "chunk         3 done      0 to do" in status.stdout and "block-00000: missing" in status.stdout
+        assert "chunk         3 done      0 to do" in status.stdout
+        assert "block-00000: changed" in status.stdout and "merge    waits for the stages before it" in status.stdout
     finally:
         os.killpg(proc.pid, signal.SIGTERM)
         proc.wait(timeout=60)

@@ -481,8 +481,11 @@ def status(cfg, tok) -> str:
     for name in ORDER:
         try:
             rows = plan_stage(ctx, name, verify_files=False)
-        except (SynthesisError, OSError, ValueError) as e:
-            lines.append(f"{name:8s} units not known yet ({str(e).splitlines()[0][:120]})")
+        except SynthesisError:
+            lines.append(f"{name:8s} waits for the stages before it")
+            continue
+        except (OSError, ValueError) as e:
+            lines.append(f"{name:8s} units not known until the stages before it are done ({type(e).__name__})")
             continue
         done = [r for r in rows if r["marker"] is not None]
         missing = [r for r in rows if r["marker"] is None]
