@@ -26,8 +26,8 @@ import logging
 from pathlib import Path
 
 from .config import SynthesisConfig
-from .stages import ORDER as STAGES
 from .stages.base import SynthesisError
+from .stages.registry import ORDER as STAGES
 
 log = logging.getLogger(__name__)
 

@@ -61,8 +61,8 @@ STAGE_CHAIN = (
 def complete_at_submit(cfg) -> set[str]:
     """Stages whose units are all complete now (sizes checked): they get no job."""
     from .pipeline import _load_tok
-    from .stages import ORDER
     from .stages.base import Ctx
+    from .stages.registry import ORDER
     from .stages.runner import plan_stage
 
     work = Path(cfg.resolved_work_dir)

@@ -15,14 +15,7 @@ publish the output (current)          the manifest, then ``<prefix>.data/current
 ======= ============================= ==============================================================
 
 Markers: ``<work>/<stage>/done/<unit>.json``; logs: ``<work>/<stage>/logs/<unit>.log``.
+
+The order and the registry of the stages are in :mod:`nextlong.stages.registry` (this package file
+imports nothing, so that no stage module's import comes back to it).
 """
-
-from __future__ import annotations
-
-from . import chunk, embed, gather, index, merge, publish, synth
-from .base import SynthesisError, key_hash
-
-ORDER = ("chunk", "embed", "gather", "index", "synth", "merge", "publish")
-MODULES = {m.NAME: m for m in (chunk, embed, gather, index, synth, merge, publish)}
-
-__all__ = ["MODULES", "ORDER", "SynthesisError", "key_hash"]

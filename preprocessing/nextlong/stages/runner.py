@@ -30,7 +30,6 @@ from contextlib import ExitStack, contextmanager
 from pathlib import Path
 
 from ..failpoints import failpoint
-from . import MODULES, ORDER
 from .base import (
     Ctx,
     SynthesisError,
@@ -44,6 +43,7 @@ from .base import (
     tmp_name,
     write_marker,
 )
+from .registry import MODULES, ORDER
 
 log = logging.getLogger("nextlong.runner")
 
