@@ -40,7 +40,8 @@ def input_identity(work: Path, pattern: str, memo: dict) -> dict:
             log.info("hashing %s (%.1f GB) to identify it by content", p.name, st.st_size / 1e9)
         hit = {"stamp": stamp, "blake2b": file_checksum(p)}
         cache[real] = hit
-        work.mkdir(parents=True, exist_ok=True)
+        if not work.is_dir():  # e.g. --status before any run: hash, but write nothing
+            return {"name": p.name, "size": st.st_size, "blake2b": hit["blake2b"]}
         tmp = tmp_name(cache_path)
         tmp.write_text(json.dumps(cache, indent=1, sort_keys=True))
         os.replace(tmp, cache_path)
