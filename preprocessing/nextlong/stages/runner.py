@@ -180,6 +180,7 @@ def _init_worker(cfg_dict: dict, work: str, shared: dict, slots) -> None:
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the main process decides; it stops us with SIGTERM
     _set_parent_death_signal()
     logging.basicConfig(level=logging.WARNING)
+    logging.getLogger("nextlong").setLevel(logging.INFO)  # into the unit's log file; the console shows warnings
     ctx = Ctx(SynthesisConfig(**cfg_dict), Path(work), shared=shared)
     ctx.memo["slot"] = slots.get() if slots is not None else 0
     _WORKER.clear()
