@@ -242,9 +242,11 @@ def run_stage(ctx: Ctx, name: str, task_index: int | None = None) -> dict:
     markers: list[dict | None] = [r["marker"] for r in rows]
     todo = [r for r in rows if r["marker"] is None or always]
     damaged = [r for r in todo if r["state"].startswith("damaged")]
-    for r in todo:
-        if r["state"] not in ("missing", "done"):
-            log.warning("%s %s: %s; redoing it", name, r["unit"].name, r["state"])
+    changed = sum(1 for r in todo if r["state"] == "changed")
+    if changed and not always:
+        log.info("%s: %d unit(s) made under other settings are redone", name, changed)
+    for r in damaged:
+        log.warning("%s %s: %s; redoing it", name, r["unit"].name, r["state"])
     enough = getattr(mod, "enough", None)
     reused = len(rows) - len(todo)
     if reused:
