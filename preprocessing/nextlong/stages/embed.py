@@ -25,6 +25,14 @@ PARALLEL = True
 HASHING_SEED = 0
 
 
+def requires(ctx: Ctx) -> list[tuple[str, str, str]]:
+    """Optional packages this stage needs with these settings: (module, pip name, flag)."""
+    if ctx.cfg.embedder == "hashing":
+        return [("scipy", "scipy", "--embedder hashing")]
+    return [("sentence_transformers", "sentence-transformers", f"--embedder {ctx.cfg.embedder}"),
+            ("torch", "torch", f"--embedder {ctx.cfg.embedder}")]
+
+
 def units(ctx: Ctx) -> list[Unit]:
     return chunk.units(ctx)
 

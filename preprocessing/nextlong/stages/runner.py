@@ -425,6 +425,7 @@ def _run_stages(ctx: Ctx, stage: str, task_index: int | None, record: dict, t_st
     from . import publish
 
     names = ORDER if stage == "all" else (stage,)
+    check_requirements(ctx, names)
     if stage != "all":
         for dep in MODULES[stage].AFTER:
             require_complete(ctx, dep)
@@ -455,6 +456,17 @@ def _run_stages(ctx: Ctx, stage: str, task_index: int | None, record: dict, t_st
              c["tokens_out"], c["meta_documents_processed"], c["samples_out"], sum(c["dropped"].values()),
              f" {c['dropped']}" if c["dropped"] else "", time.time() - t_start)
     return manifest
+
+
+def check_requirements(ctx: Ctx, names) -> None:
+    """Optional packages of every stage to run, checked before the first unit runs."""
+    import importlib.util
+
+    for name in names:
+        for module, pip, flag in getattr(MODULES[name], "requires", lambda c: [])(ctx):
+            if importlib.util.find_spec(module) is None:
+                raise SynthesisError(f"{flag}: stage {name} needs the Python package {pip!r}, which is not "
+                                     f"installed (pip install {pip})")
 
 
 def _log_chunk_summary(ctx: Ctx) -> None:
