@@ -131,7 +131,13 @@ def test_zeroed_work_file_is_caught_and_redone(tmp_path, corpus, cl100k_json, on
         with open(p, "r+b") as f:  # zero the data, keep the size and the .npy header
             f.seek(128)
             f.write(b"\0" * (size - 128))
+    # temporary files a killed run would leave, in the work directory and beside the outputs
+    stale = [Path(f"{prefix}.work/synth/.block-00000_text_document.bin.tmp-999999"),
+             Path(f"{prefix}.work/.tokens.npy.tmp-999999.npy"), tmp_path / ".nl_spans.parquet.tmp-999999"]
+    for f in stale:
+        f.write_bytes(b"partial")
     assert main(_args(corpus, cl100k_json, prefix)) == 0
+    assert not any(f.exists() for f in stale)
     assert "does not match its recorded checksum; redoing it" in caplog.text
     ran = _last_run(prefix)
     assert ran["chunk"] == 0 and ran["embed"] == 1 and ran["gather"] == 1
