@@ -100,7 +100,8 @@ def main(argv: list[str] | None = None) -> int:
         rc2, last2, _ = run(prefix, *B)
         final = label.get(digest(prefix), "OTHER")
         left = tmp_files(prefix.parent)
-        ok = seen == expect_after and final == "B" and rc2 == 0 and not left
+        clean_exit = rc == -signal.SIGKILL or (rc == 2 and "Error" not in last and "Traceback" not in last)
+        ok = seen == expect_after and final == "B" and rc2 == 0 and not left and clean_exit
         rows.append(f"| {title} | rc {rc}: {last[-110:]} | {seen} | {final} (rc {rc2}) | {len(left)} | "
                     f"{'ok' if ok else 'FAIL'}{extra_check} |")
 

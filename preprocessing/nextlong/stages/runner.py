@@ -139,22 +139,21 @@ def execute_unit(ctx: Ctx, name: str, unit: Unit, key: dict) -> dict:
     pkg = logging.getLogger("nextlong")
     pkg.addHandler(handler)
     try:
-        failpoint(f"{name}:start")
         t0, c0 = time.time(), time.process_time()
-        try:
-            stats = mod.run(ctx, unit)
-        except OSError as e:
-            sweep_tmp(outs)
-            if e.errno in (errno.ENOSPC, errno.EDQUOT):
-                raise SynthesisError(f"stage {name}, unit {unit.name}: no space left on the device "
-                                     f"({e.filename or 'writing its outputs'}); free some space and rerun: finished "
-                                     "units are kept, nothing partial is published") from None
-            raise
-        except BaseException:
-            sweep_tmp(outs)
-            raise
+        failpoint(f"{name}:start")
+        stats = mod.run(ctx, unit)
         failpoint(f"{name}:before_marker")
         return write_marker(ctx.work, name, unit.name, key, stats, time.time() - t0, time.process_time() - c0, outs)
+    except OSError as e:
+        sweep_tmp(outs)
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            raise SynthesisError(f"stage {name}, unit {unit.name}: no space left on the device "
+                                 f"({e.filename or 'writing its outputs'}); free some space and rerun: finished "
+                                 "units are kept, nothing partial is published") from None
+        raise
+    except BaseException:
+        sweep_tmp(outs)
+        raise
     finally:
         pkg.removeHandler(handler)
         handler.close()
