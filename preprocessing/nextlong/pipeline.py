@@ -23,7 +23,6 @@ key holds it: ``--seed``, ``--mix``, ``--target-length``, ``--method``, the abla
 from __future__ import annotations
 
 import logging
-from pathlib import Path
 
 from .config import SynthesisConfig
 from .stages.base import SynthesisError
@@ -91,8 +90,3 @@ def verify_outputs(cfg: SynthesisConfig, manifest: dict | None = None) -> bool:
         log.error("verify: %s", f)
     return bool(res.ok)
 
-
-def published_files(prefix: str) -> list[Path]:
-    """The links under the final names (for tools that copy a dataset elsewhere: follow them)."""
-    p = Path(prefix)
-    return sorted(q for q in p.parent.glob(f"{p.name}_*") if q.is_symlink())
