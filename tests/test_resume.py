@@ -323,3 +323,20 @@ def test_slurm_executor_chain_gives_identical_bytes(tmp_path, corpus, cl100k_jso
 
     assert complete_at_submit(config_from_args(build_parser().parse_args(argv))) == {"chunk", "embed", "gather",
                                                                                       "index"}
+
+
+def test_failed_verification_puts_the_previous_dataset_back(tmp_path, corpus, cl100k_json, one_task, monkeypatch):
+    import shutil
+
+    from nextlong import pipeline
+
+    prefix = tmp_path / "nl"
+    shutil.copytree(f"{one_task}.work", f"{prefix}.work")
+    assert main(_args(corpus, cl100k_json, prefix, "--no-verify")) == 0
+    before = _bytes(prefix)
+    # the verifier is replaced by one that rejects everything: what is under test is what publish does then
+    monkeypatch.setattr(pipeline, "verify_outputs", lambda cfg, manifest=None: False)
+    assert main(_args(corpus, cl100k_json, prefix, "--max-samples", "3")) == 1
+    assert _bytes(prefix) == before
+    versions = [d for d in (tmp_path / "nl.data").iterdir() if not d.is_symlink()]
+    assert len(versions) == 2  # the rejected version is kept for inspection
