@@ -62,7 +62,7 @@ def seed4(tmp_path_factory, corpus, cl100k_json):
 
 def test_units_are_fixed_by_the_data_and_tasks_change_no_byte(tmp_path, corpus, cl100k_json, one_task):
     prefix = tmp_path / "nl"
-    assert main(_args(corpus, cl100k_json, prefix, "--tasks", "3")) == 0
+    assert main(_args(corpus, cl100k_json, prefix, "--tasks", "2")) == 0
     work = tmp_path / "nl.work"
     n_blocks = len(list((work / "synth" / "done").glob("block-*.json")))
     assert n_blocks == len(list((one_task.parent / "nl.work" / "synth" / "done").glob("block-*.json"))) > 3
@@ -73,7 +73,7 @@ def test_units_are_fixed_by_the_data_and_tasks_change_no_byte(tmp_path, corpus, 
     for p in tmp_path.glob("nl_*"):
         assert p.is_symlink() and os.stat(p).st_ino not in work_inodes
     # --tasks changes nothing: a rerun with another task count runs no unit but publish
-    assert main(_args(corpus, cl100k_json, prefix, "--tasks", "2")) == 0
+    assert main(_args(corpus, cl100k_json, prefix, "--tasks", "3")) == 0
     assert _last_run(prefix) == {"chunk": 0, "embed": 0, "gather": 0, "index": 0, "synth": 0, "merge": 0,
                                  "publish": 1}
     runs = json.loads(Path(f"{prefix}_manifest.json").read_text())["runs"]
