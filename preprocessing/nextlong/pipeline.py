@@ -52,12 +52,15 @@ def _load_tok(cfg: SynthesisConfig):
 
 
 def _preflight():
-    """The cheap checks run before anything is written, when this version has them."""
+    """Hook for the cheap checks (tokenizer and embedder load, index fits, output writable, free disk, target
+    reachable) of ``nextlong.preflight.preflight(cfg)``: run before the work directory exists, when this
+    version of the package has them."""
     try:
         from . import preflight
     except ImportError:
         return None
-    return getattr(preflight, "run_checks", None)
+    check = getattr(preflight, "preflight", None)
+    return None if check is None else (lambda cfg, tok: check(cfg))
 
 
 def run(cfg: SynthesisConfig, progress: bool = True, stage: str = "all", task_index: int | None = None) -> dict | None:
@@ -80,7 +83,11 @@ def status(cfg: SynthesisConfig) -> str:
 
 
 def verify_outputs(cfg: SynthesisConfig, manifest: dict | None = None) -> bool:
-    """Check the published dataset with :mod:`nextlong.verify`; log every failure. Returns True when sound."""
+    """Check the published dataset with :mod:`nextlong.verify`; log every failure. Returns True when sound.
+    Called by the runner right after the switch; a failure puts the previous dataset back. The end-of-run
+    comparison of a bounded sample of meta-chunk spans with the source text belongs here (hook: pass its
+    options to ``verify_dataset``; a manifest update must go through ``os.path.realpath`` of
+    ``<prefix>_manifest.json``, which is a link into the published version)."""
     from .verify import verify_dataset
 
     res = verify_dataset(cfg.output_prefix, decode=2)
