@@ -284,7 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     recall = recall_figures(work, nprobes, [10, 100], args.recall_queries, args.seed)
     recall_s = time.perf_counter() - t0
 
-    stages = manifest["stage_seconds"]
+    # wall seconds per stage of this run (the manifest keeps every run under "runs")
+    stages = {k: v["wall_seconds"] for k, v in manifest["runs"][-1]["stages"].items()}
     sizes = {name: _size(work / name) for name in ("embeddings.npy", "index.faiss", "tokens.npy", "chunks.parquet")}
     out_bytes = sum(_size(Path(f"{cfg.output_prefix}_{n}_document.{e}"))
                     for n in ("text", "lossweight", "label") for e in ("bin", "idx"))
@@ -292,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     throughput = {
         "chunk": (counts["pool_tokens"], "pool tok/s"), "embed": (counts["chunks"], "chunk/s"),
         "gather": (counts["chunks"], "chunk/s"), "index": (counts["chunks"], "vec/s"),
-        "synthesize": (counts["tokens_out"], "out tok/s"), "merge": (counts["tokens_out"], "out tok/s"),
+        "synth": (counts["tokens_out"], "out tok/s"), "merge": (counts["tokens_out"], "out tok/s"),
     }
 
     mib = 1024.0 ** 2

@@ -55,7 +55,8 @@ def main(argv: list[str] | None = None) -> int:
     pipeline_s = time.perf_counter() - t0
     work = Path(cfg.resolved_work_dir)
     counts = manifest["counts"]
-    stages = manifest["stage_seconds"]
+    # wall seconds per stage of this run (the manifest keeps every run under "runs")
+    stages = {k: v["wall_seconds"] for k, v in manifest["runs"][-1]["stages"].items()}
 
     # --- the floor, on the same data ---
     texts = load_texts(work)
@@ -95,7 +96,7 @@ def main(argv: list[str] | None = None) -> int:
         ("embed", stages.get("embed", 0.0), rate(counts["chunks"], "embed", "chunk/s")),
         ("gather", stages.get("gather", 0.0), rate(counts["chunks"], "gather", "chunk/s")),
         ("index", stages.get("index", 0.0), rate(counts["chunks"], "index", "vec/s")),
-        ("synthesize", stages.get("synthesize", 0.0), rate(tokens_out, "synthesize", "out tok/s")),
+        ("synth", stages.get("synth", 0.0), rate(tokens_out, "synth", "out tok/s")),
         ("merge", stages.get("merge", 0.0), rate(tokens_out, "merge", "out tok/s")),
     ]
     print(f"corpus: {counts['documents_in']} documents, {counts['chunks']} chunks, "

@@ -73,10 +73,13 @@ def build_parser() -> argparse.ArgumentParser:
     ru.add_argument("--block-docs", type=int, default=256,
                     help="meta-documents per batched FAISS search (and per unit of work shared by tasks)")
     ru.add_argument("--tasks", type=int, default=1, help="parallel local synthesis tasks (bytes do not change)")
-    ru.add_argument("--stage", default="all", choices=("all", "chunk", "embed", "gather", "index", "synth", "merge"),
+    ru.add_argument("--stage", default="all",
+                    choices=("all", "chunk", "embed", "gather", "index", "synth", "merge", "publish"),
                     help="run one stage only (the others must be done, or be run later)")
     ru.add_argument("--task-index", type=int, default=None,
                     help="with --stage: do only this array task's share of the stage (0 .. --tasks - 1)")
+    ru.add_argument("--status", action="store_true",
+                    help="list the done and missing units of every stage for these flags, then exit")
     ru.add_argument("--executor", choices=("local", "slurm"), default="local",
                     help="local: run here; slurm: submit one job array per stage, chained with afterok")
     dr = p.add_argument_group("cost estimate (with --dry-run; nothing is written)")
@@ -112,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 #: flags that choose where and how much of the run happens, not what it computes
-RUN_ONLY = ("demo", "verbose", "progress", "stage", "task_index", "executor", "partition", "gpu_partition",
+RUN_ONLY = ("demo", "verbose", "progress", "stage", "task_index", "status", "executor", "partition", "gpu_partition",
             "slurm_gpus", "slurm_cpus", "slurm_mem", "slurm_time", "slurm_account", "slurm_extra", "dry_run",
             "estimate_documents", "estimate_chunks", "estimate_samples", "sample_docs", "gpus", "gpu", "mfu",
             "embedder_params")
@@ -160,6 +163,7 @@ def main(argv: list[str] | None = None) -> int:
     from .indexed import IndexedFormatError
     from .pipeline import SynthesisError, run
     from .readers import InputError
+    from .stages.runner import Interrupted
     from .tokenization import TokenizerError
 
     try:
@@ -168,6 +172,11 @@ def main(argv: list[str] | None = None) -> int:
             raise ConfigError(f"--task-index: {args.task_index} is not in [0, --tasks {cfg.tasks})")
         if args.task_index is not None and args.stage not in ("chunk", "embed", "synth"):
             raise ConfigError("--task-index: only the chunk, embed and synth stages are split into tasks")
+        if args.status:
+            from .pipeline import status
+
+            print(status(cfg))
+            return 0
         if args.dry_run:
             from .estimate import estimate, format_estimate
 
@@ -190,14 +199,12 @@ def main(argv: list[str] | None = None) -> int:
             print(json.dumps(ids))
             return 0
         manifest = run(cfg, progress=args.progress, stage=args.stage, task_index=args.task_index)
+    except Interrupted as e:
+        log.error("%s", e)
+        return 128 + e.signum
     except (ConfigError, InputError, TokenizerError, SynthesisError, IndexedFormatError) as e:
         log.error("%s", e)
         return 2
     if manifest is None:
         return 0
-    if cfg.verify:
-        from .pipeline import verify_outputs
-
-        if not verify_outputs(cfg, manifest):
-            return 1
-    return 0
+    return 1 if manifest.get("verified") is False else 0

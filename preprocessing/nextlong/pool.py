@@ -7,8 +7,8 @@ the settings, never on the task layout; global ids (documents, chunks) are assig
 
 Per shard, ``pool/shard-XXXXX/`` (stage ``chunk``, then stage ``embed``):
 
-``chunks.parquet``     corpus, doc_id, doc_local, chunk_in_doc, text, n_chars, n_tokens, text_hash
-``docs.parquet``       corpus, corpus_index, doc_id, n_chunks, n_chars
+``chunks.parquet``     doc_id, doc_local, chunk_in_doc, text, n_chars, n_tokens, text_hash
+``docs.parquet``       doc_id, n_chunks, n_chars
 ``tokens.npy``         int32, the tokens of every chunk back to back; ``token_offsets.npy`` int64 [n + 1]
 ``df.npy``             document frequencies of the hashing embedder's features (``hashing`` only)
 ``embeddings.npy``     float16 or float32 [n, dim], unit rows (``--embedding-dtype``)
@@ -148,7 +148,7 @@ def chunk_shard(cfg, work: Path, shard: Shard, tokenizer, progress=None) -> dict
         from .embedding import HashingEmbedder
 
         # hash every chunk's n-grams once: the counts serve the IDF now and the embedding stage later
-        emb = HashingEmbedder(dim=cfg.embedding_dim, seed=cfg.seed)
+        emb = HashingEmbedder(dim=cfg.embedding_dim)  # n-gram counts depend on neither dim nor seed
         blocks = [emb.count_matrix(texts[i : i + 8192]) for i in range(0, len(texts), 8192)]
         counts = sp.vstack(blocks, format="csr") if blocks else emb.count_matrix([])
         counts.indices = counts.indices.astype(np.int32)
@@ -157,8 +157,8 @@ def chunk_shard(cfg, work: Path, shard: Shard, tokenizer, progress=None) -> dict
         sp.save_npz(tmp, counts, compressed=False)
         os.replace(tmp, out / "counts.npz")
     n = len(texts)
+    # no input name here: a shard's bytes depend on its file and the chunking settings only (gather adds it)
     atomic_parquet(out / "chunks.parquet", pa.table({
-        "corpus": pa.array([shard.spec.name] * n, pa.string()),
         "doc_id": pa.array(cols["doc_id"], pa.string()),
         "doc_local": pa.array(cols["doc_local"], pa.int64()),
         "chunk_in_doc": pa.array(cols["chunk_in_doc"], pa.int32()),
@@ -168,7 +168,6 @@ def chunk_shard(cfg, work: Path, shard: Shard, tokenizer, progress=None) -> dict
         "text_hash": pa.array(cols["text_hash"], pa.int64()),
     }))
     atomic_parquet(out / "docs.parquet", pa.table({
-        "corpus": pa.array([shard.spec.name] * len(docs["doc_id"]), pa.string()),
         "doc_id": pa.array(docs["doc_id"], pa.string()),
         "n_chunks": pa.array(docs["n_chunks"], pa.int32()),
         "n_chars": pa.array(docs["n_chars"], pa.int64()),
@@ -309,6 +308,7 @@ def gather(work: Path, shards: list[Shard], corpus_names: list[str], progress=No
             doc_ids.extend(dt.column("doc_id").to_pylist())
             doc_corpus_names.extend([s.spec.name] * nd)
             ct = ct.drop_columns(["doc_local"])
+            ct = ct.add_column(0, "corpus", pa.array([s.spec.name] * nc, pa.string()))
             ct = ct.add_column(0, "chunk_id", pa.array(np.arange(c0, c0 + nc, dtype=np.int64)))
             ct = ct.add_column(3, "doc_ordinal", pa.array(doc_local + d0))
             if writer is None:
@@ -338,7 +338,9 @@ def gather(work: Path, shards: list[Shard], corpus_names: list[str], progress=No
     with pa.OSFile(str(tmp), "wb") as sink, pa.ipc.new_file(sink, table.schema) as w:
         w.write_table(table)
     os.replace(tmp, work / "docs.arrow")
-    (work / "corpora.json").write_text(json.dumps(corpus_names))
+    tmp = _tmp(work / "corpora.json")
+    tmp.write_text(json.dumps(corpus_names))
+    os.replace(tmp, work / "corpora.json")
     os.replace(chunks_tmp, work / "chunks.parquet")
     os.replace(rejects_tmp, work / "rejects.jsonl")
     return {"documents": n_docs, "chunks": n_chunks, "tokens": n_tokens}

@@ -1,13 +1,13 @@
-"""Run the stages on Slurm: one job array per sharded stage, chained with ``afterok`` dependencies.
+"""Run the stages on Slurm: one job per stage, array jobs for the sharded ones, chained with ``afterok``.
 
-    chunk  (array: --tasks)  ->  embed (array: --tasks, GPU partition)  ->  gather+index (1 task)
-      ->  synth (array: --tasks)  ->  merge + manifest + verify (1 task)
+    chunk (array: --tasks) -> embed (array: --tasks, GPU partition) -> gather (1 task) -> index (1 task)
+      -> synth (array: --tasks) -> merge + publish + verify (1 task)
 
 Every array task runs the same command as the local run, plus ``--stage S --task-index $SLURM_ARRAY_TASK_ID``:
-it does only its share of the units (shards round-robin; synthesis part i), skips units whose completion
-marker is already there, and exits. A preempted or failed task is simply rerun (``--requeue``); the chain
-can also be resubmitted as a whole and only the missing units run. The submitted scripts, the job ids and
-the per-task logs stay under ``<work>/slurm/``.
+it does the units ``j`` with ``j mod --tasks == i`` that are not done and intact, and exits. A stage whose
+units are all complete when the chain is submitted gets no job. A preempted or failed task is simply rerun
+(``--requeue``); the chain can also be resubmitted as a whole and only the missing units run. The submitted
+scripts, the job ids and the per-task logs stay under ``<work>/slurm/``; ``--status`` lists what is done.
 """
 
 from __future__ import annotations
@@ -51,10 +51,36 @@ class SlurmOptions:
 STAGE_CHAIN = (
     ("chunk", True),
     ("embed", True),
-    ("index", False),  # runs --stage gather then --stage index
+    ("gather", False),
+    ("index", False),
     ("synth", True),
-    ("merge", False),
+    ("merge", False),  # runs --stage merge, then --stage publish (which verifies)
 )
+
+
+def complete_at_submit(cfg) -> set[str]:
+    """Stages whose units are all complete now (sizes checked): they get no job."""
+    from .pipeline import _load_tok
+    from .stages.base import Ctx
+    from .stages.registry import ORDER
+    from .stages.runner import plan_stage
+
+    work = Path(cfg.resolved_work_dir)
+    if not work.is_dir():
+        return set()
+    tok = _load_tok(cfg)
+    ctx = Ctx(cfg, work, tok)
+    ctx.shared["tokenizer_sha256"] = tok.sha256
+    done: set[str] = set()
+    for name in ORDER[:4]:  # later stages are never skipped: the publish must run
+        try:
+            rows = plan_stage(ctx, name, verify_files=False)
+        except (OSError, ValueError, RuntimeError):
+            break
+        if not rows or any(r["marker"] is None for r in rows):
+            break
+        done.add(name)
+    return done
 
 
 def _script(stage: str, array: int | None, command: list[list[str]], opts: SlurmOptions, log_dir: Path,
@@ -91,10 +117,14 @@ def submit(cfg, base_argv: list[str], opts: SlurmOptions, job_name: str = "nextl
     sbatch = os.environ.get("NEXTLONG_SBATCH", opts.sbatch)
     ids: dict[str, str] = {}
     prev: str | None = None
+    skip = complete_at_submit(cfg)
     for stage, is_array in STAGE_CHAIN:
-        if stage == "index":
-            cmds = [[py, script, *base_argv, "--stage", "gather", "--no-progress"],
-                    [py, script, *base_argv, "--stage", "index", "--no-progress"]]
+        if stage in skip:
+            log.info("%s: every unit is complete; no job", stage)
+            continue
+        if stage == "merge":
+            cmds = [[py, script, *base_argv, "--stage", "merge", "--no-progress"],
+                    [py, script, *base_argv, "--stage", "publish", "--no-progress"]]
         elif is_array:
             cmds = [[py, script, *base_argv, "--stage", stage, "--task-index", "${SLURM_ARRAY_TASK_ID}",
                      "--no-progress"]]

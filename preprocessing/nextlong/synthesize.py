@@ -1,30 +1,24 @@
-"""The synthesis stage: meta-document order, mining + assembly per part, and the merge.
+"""Synthesis library: meta-document order, mining + assembly of one unit of slots, and the merge.
 
 Determinism across layouts: meta-documents are put in one global order (a seeded shuffle per input,
-interleaved by ``--mix`` weights); that order is cut into blocks of ``--block-docs`` slots, and a task
-takes a contiguous run of whole blocks. Every slot draws its random numbers from its own stream
+interleaved by ``--mix`` weights); that order is cut into blocks of ``--block-docs`` slots, one unit of the
+``synth`` stage each (:mod:`nextlong.stages.synth`). Every slot draws its random numbers from its own stream
 ``default_rng([seed, slot])``; FAISS similarities are recomputed exactly (see :mod:`nextlong.mining`). So a
 slot's sample does not depend on which task made it, and the merged output is byte-identical for any
 ``--tasks``.
-
-Each part is written under a temporary name and completed by its ``part-XXXXX.json`` marker (written
-last); a rerun skips completed parts and redoes the others from scratch, so a killed task neither loses
-nor duplicates a sample.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
-import shutil
-import time
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
 from .assemble import ROLE_CODE, ROLE_NEG, ROLES, Dropped, Specials, build_concat, build_nextlong
+from .failpoints import failpoint
 from .indexed import IndexedDatasetWriter, read_indexed, token_dtype_for_vocab, write_index
 from .mining import filter_candidates, retrieve_block
 
@@ -65,21 +59,19 @@ def meta_document_order(pool, corpus_weights: dict[str, float], seed: int) -> np
     return np.asarray(out, dtype=np.int64)
 
 
-def part_paths(work: Path, part: int) -> dict[str, Path]:
-    base = work / "synth" / f"part-{part:05d}"
+def unit_paths(work: Path, unit: str) -> dict[str, Path]:
+    """Files of one synthesis unit under ``<work>/synth/``: its datasets (prefixes) and its spans."""
+    base = work / "synth" / unit
     return {
-        "marker": Path(f"{base}.json"),
         "spans": Path(f"{base}_spans.parquet"),
         **{name: Path(f"{base}_{name}_document") for name in DATASETS},
     }
 
 
-def plan_parts(n_slots: int, tasks: int, block: int) -> list[tuple[int, int]]:
-    """Slot ranges [start, end) per task: contiguous runs of whole blocks of ``block`` slots."""
-    n_blocks = (n_slots + block - 1) // block
-    tasks = max(1, min(tasks, n_blocks)) if n_blocks else 1
-    bounds = [round(i * n_blocks / tasks) for i in range(tasks + 1)]
-    return [(min(n_slots, bounds[i] * block), min(n_slots, bounds[i + 1] * block)) for i in range(tasks)]
+def plan_blocks(n_slots: int, block: int) -> list[tuple[int, int]]:
+    """Slot ranges [start, end) of the synthesis units: consecutive blocks of ``block`` slots. Fixed by the
+    data and ``--block-docs``, never by the number of tasks."""
+    return [(a, min(n_slots, a + block)) for a in range(0, n_slots, block)]
 
 
 class PartContext:
@@ -151,12 +143,13 @@ class PartContext:
         return out
 
 
-def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, progress=None) -> dict:
-    """Synthesize the samples of ``slots`` (global slot numbers ``slot_start``...) into part ``part``."""
+def run_part(ctx: PartContext, unit: str, slots: np.ndarray, slot_start: int, progress=None) -> dict:
+    """Synthesize the samples of ``slots`` (global slot numbers ``slot_start``...) into unit ``unit``.
+    Returns its statistics; ``dropped_slots`` maps the position of every dropped slot to its reason, so
+    that the samples taken from a unit can be traced back to the meta-documents they consumed."""
     cfg, pool = ctx.cfg, ctx.pool
-    paths = part_paths(ctx.work, part)
-    paths["marker"].parent.mkdir(parents=True, exist_ok=True)
-    t0, c0 = time.time(), time.process_time()
+    paths = unit_paths(ctx.work, unit)
+    paths["spans"].parent.mkdir(parents=True, exist_ok=True)
     writers = {
         "text": IndexedDatasetWriter(paths["text"], ctx.token_dtype),
         "lossweight": IndexedDatasetWriter(paths["lossweight"], np.uint8),
@@ -166,16 +159,13 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
     rows: list[tuple[int, dict]] = []  # (sample number, span arrays) of the current block
     spans_out = _SpanWriter(paths["spans"], pool)  # one row group per block: memory bounded by a block
     dropped: Counter[str] = Counter()
+    dropped_slots: dict[int, str] = {}
     filt: Counter[str] = Counter()
     overfill: list[int] = []
     produced = 0
-    slots_done = 0
-    limit = cfg.max_samples
     try:
         step = cfg.block_docs
         for b in range(0, len(slots), step):
-            if limit is not None and (produced >= limit or _earlier_parts_suffice(ctx.work, part, limit)):
-                break
             block = [int(d) for d in slots[b : b + step]]
             retrieved = None
             if cfg.method == "nextlong" and cfg.negative_selection not in ("random-doc", "self-repeat"):
@@ -183,9 +173,6 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
             neighbours = ctx.doc_neighbours(block, cfg.candidates + 1) if cfg.method == "knn" else None
             for j, d in enumerate(block):
                 slot = slot_start + b + j
-                slots_done += 1
-                if limit is not None and produced >= limit:
-                    break
                 rng = np.random.default_rng([cfg.seed, slot])
                 try:
                     if cfg.method == "nextlong":
@@ -205,6 +192,7 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
                                               rng)
                 except Dropped as e:
                     dropped[e.reason] += 1
+                    dropped_slots[b + j] = e.reason
                     continue
                 if "overfill_tokens" in sample.stats:
                     overfill.append(sample.stats["overfill_tokens"])
@@ -226,17 +214,27 @@ def run_part(ctx: PartContext, part: int, slots: np.ndarray, slot_start: int, pr
             w.abort()
         spans_out.abort()
         raise
-    stats = {
-        "part": part, "slot_start": slot_start, "slots": len(slots), "slots_processed": slots_done,
-        "samples": produced, "dropped": dict(sorted(dropped.items())), "filtered_candidates": dict(filt),
-        "negative_spans": n_negative,
-        "paper_budget_overfill_tokens": overfill, "seconds": round(time.time() - t0, 3),
-        "cpu_seconds": round(time.process_time() - c0, 3),
+    return {
+        "slot_start": slot_start, "slots": len(slots), "samples": produced,
+        "dropped": dict(sorted(dropped.items())), "dropped_slots": {str(k): v for k, v in dropped_slots.items()},
+        "filtered_candidates": dict(filt), "negative_spans": n_negative, "paper_budget_overfill_tokens": overfill,
     }
-    tmp = paths["marker"].with_name(paths["marker"].name + ".tmp")
-    tmp.write_text(json.dumps(stats, indent=1, sort_keys=True))
-    os.replace(tmp, paths["marker"])
-    return stats
+
+
+def slots_consumed(stats: dict, samples: int) -> tuple[int, dict[str, int]]:
+    """Meta-documents a unit consumed to give its first ``samples`` samples, and their drops by reason."""
+    if samples >= stats["samples"]:
+        return stats["slots"], dict(stats["dropped"])
+    dropped_at = {int(k): v for k, v in stats.get("dropped_slots", {}).items()}
+    made, used = 0, 0
+    drops: Counter[str] = Counter()
+    while made < samples:
+        if used in dropped_at:
+            drops[dropped_at[used]] += 1
+        else:
+            made += 1
+        used += 1
+    return used, dict(drops)
 
 
 class _SpanWriter:
@@ -269,18 +267,6 @@ class _SpanWriter:
         if self.writer is not None:
             self.writer.close()
         self.tmp.unlink(missing_ok=True)
-
-
-def _earlier_parts_suffice(work: Path, part: int, limit: int) -> bool:
-    """With --max-samples, a part is not needed once the parts before it are complete with ``limit`` samples
-    (the merge takes samples in part order); stopping then changes no output byte."""
-    total = 0
-    for j in range(part):
-        m = part_paths(work, j)["marker"]
-        if not m.exists():
-            return False
-        total += json.loads(m.read_text())["samples"]
-    return total >= limit
 
 
 def _spans_table(rows: list[tuple[int, dict]], pool):
@@ -319,15 +305,16 @@ def _spans_table(rows: list[tuple[int, dict]], pool):
     })
 
 
-def merge_parts(work: Path, n_parts: int, out_prefix: str, emit_labels: bool, max_samples: int | None) -> dict:
-    """Concatenate the parts, in order, into the final datasets (document index rebuilt), keeping at most
-    ``max_samples`` samples; the ``.idx`` of each dataset is renamed into place last."""
+def merge_parts(work: Path, units: list[str], out_prefix: str, emit_labels: bool, max_samples: int | None) -> dict:
+    """Concatenate the units, in order, into the datasets ``<out_prefix>_*`` (document index rebuilt), keeping
+    at most ``max_samples`` samples. Every byte is copied: the result shares no inode with the work files.
+    Each file is written under a temporary name and renamed into place (the ``.idx`` after its ``.bin``)."""
     import pyarrow as pa
     import pyarrow.compute as pc
     import pyarrow.parquet as pq
 
     names = ["text", "lossweight"] + (["label"] if emit_labels else [])
-    parts = [part_paths(work, i) for i in range(n_parts)]
+    parts = [unit_paths(work, u) for u in units]
     readers = [{n: read_indexed(p[n]) for n in names} for p in parts]
     takes = []
     left = max_samples if max_samples is not None else float("inf")
@@ -342,36 +329,24 @@ def merge_parts(work: Path, n_parts: int, out_prefix: str, emit_labels: bool, ma
         bin_path = Path(f"{final}.bin")
         bin_path.parent.mkdir(parents=True, exist_ok=True)
         tmp_bin = bin_path.with_name(f".{bin_path.name}.tmp-{os.getpid()}")
-        lengths = []
-        whole = len(readers) == 1 and takes[0] == len(readers[0][name])
-        if whole:
-            # one complete part: a hard link moves no byte (falls back to a copy across filesystems)
-            ds = readers[0][name]
-            try:
-                tmp_bin.unlink(missing_ok=True)
-                os.link(f"{ds.prefix}.bin", tmp_bin)
-                lengths.append(np.asarray(ds.lengths))
-            except OSError:
-                whole = False
-        if not whole:
+        lengths: list[np.ndarray] = []
+        try:
             _concat_bins(readers, takes, name, tmp_bin, lengths)
+        except BaseException:
+            tmp_bin.unlink(missing_ok=True)
+            raise
         lengths_arr = np.concatenate(lengths).astype(np.int32) if lengths else np.zeros(0, np.int32)
         pointers = np.zeros(len(lengths_arr), dtype=np.int64)
         if len(lengths_arr) > 1:
             np.cumsum(lengths_arr[:-1].astype(np.int64) * dtype.itemsize, out=pointers[1:])
         write_index(Path(f"{final}.idx"), dtype, lengths_arr, pointers, np.arange(total + 1, dtype=np.int64),
                     before_rename=lambda tb=tmp_bin, bp=bin_path: os.replace(tb, bp))
+        failpoint("merge:between_files")
     spans_path = Path(f"{out_prefix}_spans.parquet")
     tmp = spans_path.with_name(f".{spans_path.name}.tmp-{os.getpid()}")
-    tmp.unlink(missing_ok=True)
-    if len(parts) == 1 and takes[0] == len(readers[0]["text"]):
-        try:
-            os.link(parts[0]["spans"], tmp)
-        except OSError:
-            shutil.copyfile(parts[0]["spans"], tmp)
-    else:
-        writer = None
-        offset = 0
+    writer = None
+    offset = 0
+    try:
         for p, n in zip(parts, takes, strict=True):
             pf = pq.ParquetFile(p["spans"])
             for g in range(pf.num_row_groups):  # streamed: one row group in memory at a time
@@ -383,10 +358,17 @@ def merge_parts(work: Path, n_parts: int, out_prefix: str, emit_labels: bool, ma
                 if t.num_rows:
                     writer.write_table(t)
             offset += n
+        if writer is None:
+            writer = pq.ParquetWriter(tmp, pq.read_schema(parts[0]["spans"]), compression="zstd")
         writer.close()
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
     os.replace(tmp, spans_path)
     tokens = sum(int(np.sum(r["text"].lengths[:n], dtype=np.int64)) for r, n in zip(readers, takes, strict=True))
-    return {"samples": total, "tokens": tokens}
+    return {"samples": total, "tokens": tokens, "takes": takes}
 
 
 def _concat_bins(readers, takes, name: str, tmp_bin: Path, lengths: list) -> None:
@@ -426,7 +408,3 @@ def _copy_bytes(src, dst, nbytes: int, bufsize: int = 64 << 20) -> None:
             raise OSError(f"{src.name}: ended {left} bytes early")
         dst.write(buf)
         left -= len(buf)
-
-
-def clear_parts(work: Path) -> None:
-    shutil.rmtree(work / "synth", ignore_errors=True)
