@@ -3,6 +3,9 @@
 ``builtin:python-docs`` is the Python reference documentation that ships with CPython
 (``pydoc_data.topics``, the text ``help()`` shows) plus the docstrings of pure-Python standard-library
 modules: human-written technical prose, available offline wherever Python is installed.
+
+Records are ``(doc_id, text, where)`` tuples; :func:`nextlong.readers.iter_documents` makes documents of
+them (this module imports nothing from the package, so the two never import each other).
 """
 
 from __future__ import annotations
@@ -14,21 +17,19 @@ import pkgutil
 import sys
 from collections.abc import Iterator
 
-from .readers import Document, InputError
-
 log = logging.getLogger(__name__)
 
 BUILTIN_CORPORA = ("python-docs",)
 _SKIP_PREFIXES = ("test", "idlelib", "tkinter", "turtle", "lib2to3", "ensurepip", "venv", "antigravity", "this")
 
 
-def _python_docs(corpus: str) -> Iterator[Document]:
+def _python_docs() -> Iterator[tuple[str, str, str]]:
     import pydoc_data.topics as topics
 
     for key in sorted(topics.topics):
         text = topics.topics[key].strip()
         if text:
-            yield Document(corpus, f"pydoc:{key}", text, f"pydoc_data.topics[{key!r}]")
+            yield f"pydoc:{key}", text, f"pydoc_data.topics[{key!r}]"
     names = sorted(
         m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names and not m.name.startswith("_")
     )
@@ -51,12 +52,12 @@ def _python_docs(corpus: str) -> Iterator[Document]:
                     parts.append(f"{attr}\n\n{doc}")
         text = "\n\n".join(p for p in parts if p).strip()
         if len(text) > 500:
-            yield Document(corpus, f"stdlib:{name}", text, f"module {name}")
+            yield f"stdlib:{name}", text, f"module {name}"
 
 
-def builtin_documents(name: str, corpus: str) -> Iterator[Document]:
-    """Documents of a built-in corpus; ``name`` is one of :data:`BUILTIN_CORPORA`."""
+def builtin_records(name: str) -> Iterator[tuple[str, str, str]]:
+    """``(doc_id, text, where)`` of every document of a built-in corpus (``name`` in :data:`BUILTIN_CORPORA`)."""
     if name == "python-docs":
-        yield from _python_docs(corpus)
+        yield from _python_docs()
     else:
-        raise InputError(f"--input builtin:{name}: unknown built-in corpus; choose from {BUILTIN_CORPORA}")
+        raise ValueError(f"unknown built-in corpus {name!r}; choose from {BUILTIN_CORPORA}")

@@ -266,6 +266,7 @@ def stage_merge(cfg: SynthesisConfig, work: Path, tok, summary: dict, timings: d
             "documents_in": chunk["documents"],
             "documents_per_input": chunk["documents_per_input"],
             "inputs_rejected": chunk["rejected"],
+            "inputs": chunk.get("inputs"),
             "shards": chunk["shards"],
             "chunks": chunk["chunks"],
             "pool_tokens": chunk["tokens"],

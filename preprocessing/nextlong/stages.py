@@ -48,7 +48,8 @@ def write_marker(path: Path, key: dict, stats: dict, seconds: float) -> None:
 def stage_keys(cfg, tokenizer_sha256: str) -> dict[str, dict]:
     """Settings each stage depends on, cumulatively (a change redoes the stage and every later one)."""
     chunk = dict(inputs=cfg.inputs, mix=cfg.mix, input_names=cfg.input_names, text_field=cfg.text_field,
-                 id_field=cfg.id_field, granularity=cfg.granularity, tokenizer_sha256=tokenizer_sha256,
+                 id_field=cfg.id_field, duplicates=cfg.duplicates, control_chars=cfg.control_chars,
+                 granularity=cfg.granularity, tokenizer_sha256=tokenizer_sha256,
                  hashing_df=cfg.embedder == "hashing")
     embed = dict(chunk, embedder=cfg.embedder, embedding_dim=cfg.embedding_dim, seed=cfg.seed,
                  embedding_dtype=cfg.embedding_dtype)
@@ -293,7 +294,7 @@ def pool_summary(cfg, work: Path, tok) -> dict:
     ix = read_marker(work / "index.done.json", _index_key(keys, shards))
     return {
         "chunk": {**totals, "shards": len(shards), "documents_per_input": per_input,
-                  "rejected": dict(sorted(rejected.items())),
+                  "rejected": dict(sorted(rejected.items())), "inputs": _input_audit(work, shards, chunk),
                   "chars_per_token": totals["chars"] / max(1, totals["tokens"])},
         "embed": {"embedder": cfg.embedder, "dtype": cfg.embedding_dtype,
                   "dim": embed[0].get("dim") if embed else None},
@@ -308,6 +309,20 @@ def pool_summary(cfg, work: Path, tok) -> dict:
                         "gather": g["stats"].get("cpu_seconds") if g else None,
                         "index": ix["stats"].get("cpu_seconds") if ix else None},
     }
+
+
+def _input_audit(work: Path, shards: list, chunk_stats: list[dict]) -> dict:
+    """Documents read = used + dropped + rejected, over all shards, plus repeats across input files."""
+    import pyarrow.parquet as pq
+
+    from .pool import shard_dir
+    from .readers import merge_audits, repeated_across_inputs
+
+    audit = merge_audits(st["inputs"] for st in chunk_stats if "inputs" in st)
+    hashes = (pq.read_table(shard_dir(work, s) / "docs.parquet", columns=["text_hash"]).column(0).to_numpy()
+              for s in shards)
+    audit["noted"]["repeated_across_inputs"] = repeated_across_inputs(hashes)
+    return audit
 
 
 def run_pool_stages(cfg, work: Path, tok, progress) -> tuple[dict, dict]:
