@@ -12,6 +12,7 @@ Every record read is accounted for (``Rejects.read`` = documents used + dropped 
 case                        outcome   policy
 =========================== ========= ================================================================
 blank line (JSONL)          noted     not a record; counted as ``blank_line``
+UTF-8 byte order mark       noted     removed from the first line; counted as ``utf8_bom``
 not UTF-8, lone surrogate   rejected  ``invalid_utf8`` / ``invalid_unicode`` (e.g. ``"\\ud800"``)
 malformed JSON, not object  rejected  ``malformed_json`` / ``not_an_object``
 no or non-string text       rejected  ``missing_text_field`` / ``text_not_a_string``
@@ -216,7 +217,27 @@ class _Progress:
         return f"after line {self.line:,} ({where} read)"
 
 
-def _zstd_chunks(raw: io.BufferedIOBase, block: int = 1 << 20) -> Iterator[bytes]:
+def _gzip_chunks(raw: io.BufferedIOBase, block: int = 1 << 15) -> Iterator[bytes]:
+    """Decompressed data of every gzip member, as far as it is sound; raises at the damage."""
+    dobj = zlib.decompressobj(wbits=31)
+    in_member = False
+    while data := raw.read(block):
+        while data:
+            in_member = True
+            out = dobj.decompress(data)
+            if out:
+                yield out
+            if dobj.eof:
+                data = dobj.unused_data.lstrip(b"\x00")  # members may be followed by zero padding
+                dobj = zlib.decompressobj(wbits=31)
+                in_member = False
+            else:
+                data = b""
+    if in_member:
+        raise EOFError("the gzip stream ends inside a member (the file is truncated)")
+
+
+def _zstd_chunks(raw: io.BufferedIOBase, block: int = 1 << 14) -> Iterator[bytes]:
     """Decompressed data of every zstd frame; raises when the last frame is cut short."""
     import zstandard
 
@@ -261,11 +282,7 @@ def iter_lines(path: Path) -> Iterator[bytes]:
                 prog.line += 1
                 yield line.rstrip(b"\n")
             return
-        if kind == "gzip":
-            gz = gzip.GzipFile(fileobj=raw, mode="rb")
-            stream: Iterable[bytes] = iter(lambda: gz.read(1 << 20), b"")
-        else:
-            stream = _zstd_chunks(raw)
+        stream = _gzip_chunks(raw) if kind == "gzip" else _zstd_chunks(raw)
         try:
             for line in _lines_of(stream):
                 prog.line += 1
@@ -284,6 +301,9 @@ def read_jsonl(path: Path, corpus: str, text_field: str, id_field: str, rejects:
     filt = _Filter(policy or InputPolicy(), rejects)
     for lineno, raw in enumerate(iter_lines(path), start=1):
         where = f"{path}:{lineno}"
+        if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+            raw = raw[3:]  # a UTF-8 byte order mark, as some editors write
+            rejects.note("utf8_bom")
         if not raw.strip():
             rejects.note("blank_line")
             continue
