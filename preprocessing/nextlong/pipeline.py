@@ -41,6 +41,12 @@ log = logging.getLogger(__name__)
 
 
 
+#: meta-chunk spans the end-of-run check compares with the input files
+SOURCE_SPANS = 32
+#: ... within this share of the run's wall time
+SOURCE_SHARE = 0.05
+
+
 class SynthesisError(RuntimeError):
     """The run cannot produce a dataset (e.g. the corpus is too small to fill one sample)."""
 
@@ -350,7 +356,19 @@ def verify_outputs(cfg: SynthesisConfig, manifest: dict) -> bool:
     """Check the written dataset with :mod:`nextlong.verify`; log every failure. Returns True when sound."""
     from .verify import verify_dataset
 
-    res = verify_dataset(cfg.output_prefix, decode=2)
+    t0 = time.time()
+    budget = SOURCE_SHARE * float(manifest.get("wall_seconds") or 0) or None
+    res = verify_dataset(cfg.output_prefix, decode=2, source=SOURCE_SPANS, source_seconds=budget)
+    src = res.stats.get("source_check")
+    if src is not None:
+        # the source-text check's cost, against the run's own wall time, goes into the manifest
+        src["share_of_run"] = round(src["seconds"] / max(float(manifest.get("wall_seconds") or 0), 1e-9), 4)
+        manifest["verify"] = {"seconds": round(time.time() - t0, 3), "source_check": src,
+                              "checks": res.checks}
+        _write_manifest(cfg.output_prefix, manifest)
+        log.info("verify: %d meta-chunk spans compared with the input files (%d documents read) in %.1f s, "
+                 "%.1f%% of the run", src["spans_checked"], src["documents_read"], src["seconds"],
+                 100 * src["share_of_run"])
     if res.ok:
         log.info("verify: %s: all checks passed", cfg.output_prefix)
     for f in res.failures:
