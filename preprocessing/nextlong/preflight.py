@@ -22,13 +22,10 @@ Nothing is written: the work directory and the output directory are not created 
 from __future__ import annotations
 
 import gc
-import gzip
-import io
 import logging
 import os
 import shutil
 import tempfile
-import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -147,40 +144,10 @@ def _check_embedder(cfg: SynthesisConfig) -> int:
 def _count_jsonl_records(path: Path) -> float:
     """Records of a JSONL file: newlines in its first :data:`COUNT_BYTES` decompressed bytes, scaled by
     the share of the (compressed) file they came from."""
-    from .readers import InputError
+    from .readers import count_lines
 
-    name = path.name.lower()
-    size = path.stat().st_size
-    if size == 0:
-        return 0.0
-    with open(path, "rb") as raw:
-        if name.endswith(".gz"):
-            fh: io.RawIOBase | io.BufferedIOBase = gzip.GzipFile(fileobj=raw, mode="rb")
-        elif name.endswith((".zst", ".zstd")):
-            import zstandard
-
-            fh = zstandard.ZstdDecompressor().stream_reader(raw, read_across_frames=True, closefd=False)
-        else:
-            fh = raw
-        lines = 0
-        got = 0
-        last = b"\n"
-        try:
-            while got < COUNT_BYTES:
-                block = fh.read(1 << 20)
-                if not block:
-                    return float(lines + (last != b"\n"))
-                lines += block.count(b"\n")
-                got += len(block)
-                last = block[-1:]
-        except (EOFError, OSError, zlib.error) as e:
-            raise InputError(f"{path}: truncated or corrupt file ({e})") from e
-        except Exception as e:
-            if type(e).__name__ != "ZstdError":
-                raise
-            raise InputError(f"{path}: corrupt zstd file ({e})") from e
-        consumed = raw.tell()
-    return lines * size / max(1, consumed)
+    lines, share = count_lines(path, COUNT_BYTES)
+    return lines / max(share, 1e-9)
 
 
 def _count_records(path: str) -> float:

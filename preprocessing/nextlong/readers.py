@@ -270,29 +270,51 @@ def _lines_of(chunks: Iterable[bytes]) -> Iterator[bytes]:
         yield rest
 
 
+def count_lines(path: Path, max_bytes: int) -> tuple[int, float]:
+    """Lines in the first ``max_bytes`` decompressed bytes of a JSONL file, and the share of the file
+    (in stored bytes) they came from (1.0 when the file was read to its end). Damage raises like
+    :func:`iter_lines`."""
+    got = 0
+    size = max(1, path.stat().st_size)
+    last = b"\n"
+    with open(path, "rb") as raw:
+        prog = _Progress(raw)
+        gen = _blocks(path, raw, prog)
+        for block in gen:
+            prog.line += block.count(b"\n")
+            got += len(block)
+            last = block[-1:]
+            if got >= max_bytes:
+                gen.close()
+                return prog.line, min(1.0, raw.tell() / size)
+        return prog.line + (last != b"\n"), 1.0
+
+
+def _blocks(path: Path, raw: io.BufferedIOBase, prog: _Progress) -> Iterator[bytes]:
+    """Decompressed blocks of a plain, gzip or zstd file; damage raises :class:`InputError`."""
+    name = path.name.lower()
+    kind = "gzip" if name.endswith(".gz") else "zstd" if name.endswith((".zst", ".zstd")) else None
+    if kind is None:
+        yield from iter(lambda: raw.read(1 << 20), b"")
+        return
+    try:
+        yield from _gzip_chunks(raw) if kind == "gzip" else _zstd_chunks(raw)
+    except (EOFError, OSError, zlib.error) as e:
+        raise InputError(f"{path}: truncated or corrupt {kind} file {prog.describe(path)}: {e}") from e
+    except Exception as e:
+        if type(e).__name__ != "ZstdError":
+            raise
+        raise InputError(f"{path}: corrupt zstd file {prog.describe(path)}: {e}") from e
+
+
 def iter_lines(path: Path) -> Iterator[bytes]:
     """The lines of a plain, gzip or zstd JSONL file (without the newline). A truncated or corrupt
     archive raises :class:`InputError` naming the file and the last line read whole."""
-    name = path.name.lower()
-    kind = "gzip" if name.endswith(".gz") else "zstd" if name.endswith((".zst", ".zstd")) else None
     with open(path, "rb") as raw:
         prog = _Progress(raw)
-        if kind is None:
-            for line in raw:
-                prog.line += 1
-                yield line.rstrip(b"\n")
-            return
-        stream = _gzip_chunks(raw) if kind == "gzip" else _zstd_chunks(raw)
-        try:
-            for line in _lines_of(stream):
-                prog.line += 1
-                yield line
-        except (EOFError, OSError, zlib.error) as e:
-            raise InputError(f"{path}: truncated or corrupt {kind} file {prog.describe(path)}: {e}") from e
-        except Exception as e:
-            if type(e).__name__ != "ZstdError":
-                raise
-            raise InputError(f"{path}: corrupt zstd file {prog.describe(path)}: {e}") from e
+        for line in _lines_of(_blocks(path, raw, prog)):
+            prog.line += 1
+            yield line
 
 
 def read_jsonl(path: Path, corpus: str, text_field: str, id_field: str, rejects: Rejects,
