@@ -63,7 +63,6 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 #: C0 control except tab, newline, VT, FF, CR; DEL; C1 controls
 _CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?"
                       r"|[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f-\x9f]")
-_WS = re.compile(r"\s+")
 
 
 class InputError(ValueError):
@@ -99,7 +98,7 @@ class InputPolicy:
 
 def normalized_hash(text: str) -> int:
     """Signed 64-bit hash of the text with whitespace collapsed and case folded to lower."""
-    norm = _WS.sub(" ", text).strip().lower()
+    norm = " ".join(text.split()).lower()
     return int.from_bytes(hashlib.blake2b(norm.encode("utf-8"), digest_size=8).digest(), "little", signed=True)
 
 
