@@ -272,3 +272,59 @@ def test_help_shows_true_defaults_once():
     import re
 
     assert not re.search(r"\(default: [^)]*\) \(default:", flat)
+
+
+def test_disk_full_during_the_run_is_one_line(tmp_path, docs_corpus, small_tokenizer_json, caplog, monkeypatch):
+    # a full disk cannot be produced safely on a shared machine: the run raises what the kernel would
+    import errno
+
+    import nextlong.pipeline
+
+    def full(*a, **k):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "o" / "ds.work" / "tokens.npy"))
+
+    monkeypatch.setattr(nextlong.pipeline, "run", full)
+    with caplog.at_level(logging.INFO):
+        rc = main(["--input", str(docs_corpus), "--tokenizer", str(small_tokenizer_json), "--output-prefix",
+                   str(tmp_path / "o" / "ds"), "--no-progress", "--target-length", "2048"])
+    assert rc == 2
+    [err] = [r for r in caplog.records if r.levelno >= logging.ERROR]
+    assert not err.exc_info and "tokens.npy: no space left on the device" in err.getMessage()
+
+
+def test_source_check_on_a_real_run_catches_zeroed_tokens(tmp_path, docs_corpus, small_tokenizer_json):
+    import numpy as np
+    from nextlong.verify import read_spans, verify_dataset
+
+    # the corpus with a few hostile records: the manifest accounts for every one
+    bad = tmp_path / "in.jsonl"
+    some = b"".join(docs_corpus.read_bytes().splitlines(keepends=True)[:120])
+    bad.write_bytes(some + b"\n{broken\n" + b'{"id": "s", "text": "\\ud800"}\n' + some.splitlines(keepends=True)[0])
+    prefix = tmp_path / "o" / "ds"
+    assert main(["--input", str(bad), "--tokenizer", str(small_tokenizer_json), "--output-prefix", str(prefix),
+                 "--target-length", "2048", "--max-samples", "4", "--no-progress"]) == 0
+    m = json.loads(Path(f"{prefix}_manifest.json").read_text())
+    inputs = m["counts"]["inputs"]
+    assert inputs["balanced"] and inputs["rejected"]["malformed_json"] == 1
+    assert inputs["rejected"]["invalid_unicode"] == 1 and inputs["dropped"]["duplicate_text"] >= 1
+    assert inputs["noted"]["blank_line"] == 1 and inputs["used"] == m["counts"]["documents_in"]
+    src = m["verify"]["source_check"]
+    assert src["spans_checked"] >= 1 and src["seconds"] > 0 and "share_of_run" in src
+
+    res = verify_dataset(prefix, source=16)
+    assert res.checks["source_text"] == "ok", res.failures
+    # zero the tokens of every meta-chunk span in place (same file size), as a corrupted work file would
+    spans = read_spans(Path(f"{prefix}_spans.parquet"))
+    meta = np.flatnonzero(spans["role"] == "meta")
+    T = 2048
+    binp = Path(f"{prefix}_text_document.bin")
+    dtype = np.uint16
+    data = np.memmap(binp, dtype=dtype, mode="r+")
+    for r in meta.tolist():
+        a = int(spans["sample"][r]) * T + int(spans["start"][r])
+        data[a : a + int(spans["length"][r])] = 0
+    data.flush()
+    del data
+    res = verify_dataset(prefix, source=16)
+    assert res.checks["source_text"].startswith("FAILED")
+    assert any("tokens differ from the source text" in f for f in res.failures)

@@ -133,7 +133,8 @@ def test_bad_input_is_counted_and_tiny_corpus_is_an_error(tmp_path, docs_corpus,
     tiny.write_text("\n".join(lines[:3]) + "\n")
     assert main(["--input", str(tiny), "--tokenizer", str(cl100k_json), "--output-prefix",
                  str(tmp_path / "tiny" / "x"), "--target-length", "131072", "--no-progress"]) == 2
-    assert "too small to fill even one sample" in caplog.text
+    assert "--target-length 131072: the inputs hold only about" in caplog.text  # caught before any work
+    assert "lower --target-length" in caplog.text
     assert not Path(f"{tmp_path}/tiny/x_text_document.bin").exists()
 
 
