@@ -411,14 +411,17 @@ def read_parquet(
     filt = _Filter(policy or InputPolicy(), rejects)
     row = 0
     total = pf.metadata.num_rows
-    batches = pf.iter_batches(batch_size=batch_size, columns=columns)
-    while True:
-        try:
-            batch = next(batches, None)
-        except Exception as e:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid, ... for damaged pages
-            raise InputError(f"{path}: corrupt Parquet data after row {row:,} of {total:,} ({_one_line(e)})") from e
-        if batch is None:
-            break
+    groups = pf.num_row_groups
+
+    def batches() -> Iterator:
+        for g in range(groups):  # one row group at a time, so that damage is placed to its row group
+            try:
+                yield from pf.iter_batches(batch_size=batch_size, columns=columns, row_groups=[g])
+            except Exception as e:  # noqa: BLE001 - pyarrow raises OSError, ArrowInvalid, ... for damaged pages
+                raise InputError(f"{path}: corrupt Parquet data in row group {g + 1} of {groups}, after row {row:,} "
+                                 f"of {total:,} ({_one_line(e)})") from e
+
+    for batch in batches():
         texts = batch.column(0).to_pylist()
         ids = batch.column(1).to_pylist() if len(columns) > 1 else [None] * len(texts)
         for text, doc_id in zip(texts, ids, strict=True):
