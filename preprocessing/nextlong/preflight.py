@@ -41,6 +41,8 @@ SAMPLE_DOCS = 400
 COUNT_BYTES = 8 << 20
 #: FAISS wants about this many training vectors per inverted list (it warns below it)
 VECTORS_PER_LIST = 39
+#: hashed n-gram features of the ``hashing`` embedder (its document-frequency tables are this long)
+HASHING_FEATURES = 1 << 20
 
 
 @dataclass
@@ -77,7 +79,8 @@ def preflight(cfg: SynthesisConfig, sample_docs: int = SAMPLE_DOCS) -> dict:
                           f"(check --text-field {cfg.text_field!r})")
     _check_index(cfg, dim, sample)
     _check_target_length(cfg, sample)
-    need = _check_disk(cfg, dim, tok.vocab_size, sample)
+    need = _check_disk(cfg, dim, tok.vocab_size, sample, sum(len(f) for f in files.values()),
+                       len(tok.tokenizer.to_str()))
     log.info("preflight: ok: about %.3g documents, %.3g chunks, %.3g tokens in the pool (from %d sampled "
              "documents); about %s of disk needed", sample.est_documents, sample.est_chunks, sample.est_tokens,
              sample.documents, _human(sum(need.values())))
@@ -299,9 +302,14 @@ def _round_down(x: float) -> int:
 # ------------------------------------------------------------------------------------------ disk
 
 
-def estimate_disk(cfg: SynthesisConfig, dim: int, vocab_size: int, sample: CorpusSample) -> dict[str, float]:
-    """Bytes the run writes: ``work`` (per-shard pool, gathered pool, index, synthesis parts) and ``output``."""
+def estimate_disk(cfg: SynthesisConfig, dim: int, vocab_size: int, sample: CorpusSample, shards: int = 1,
+                  tokenizer_bytes: int = 0) -> dict[str, float]:
+    """Bytes the run writes: ``work`` (per-shard pool, gathered pool, index, synthesis parts) and ``output``.
+    ``shards``: input files; ``tokenizer_bytes``: the serialized tokenizer the work directory keeps."""
     chunks, tokens, chars = sample.est_chunks, sample.est_tokens, sample.est_chars
+    fixed = float(tokenizer_bytes)
+    if cfg.embedder == "hashing":
+        fixed += (shards + 1) * HASHING_FEATURES * 4  # int32 document frequencies per shard, float32 idf
     emb_bytes = chunks * dim * (2 if cfg.embedding_dtype == "float16" else 4)
     # chunk texts are stored zstd-compressed in Parquet (about a third of the raw size for prose)
     pool_once = tokens * 4 + chunks * 8 + emb_bytes + chars * 0.4 + chunks * 40
@@ -313,7 +321,7 @@ def estimate_disk(cfg: SynthesisConfig, dim: int, vocab_size: int, sample: Corpu
     per_sample = cfg.target_length * (token_bytes + 1 + (4 if cfg.emit_labels else 0)) + 16
     output = samples * per_sample * 1.02  # + spans sidecar, index files, manifest
     # shards and the gathered copy, then the synthesis parts that the merge copies into the outputs
-    return {"work": 2 * pool_once + index + output, "output": output}
+    return {"work": fixed + 2 * pool_once + index + output, "output": output}
 
 
 def _tree_bytes(path: Path) -> int:
@@ -327,8 +335,9 @@ def _tree_bytes(path: Path) -> int:
     return total
 
 
-def _check_disk(cfg: SynthesisConfig, dim: int, vocab_size: int, sample: CorpusSample) -> dict[str, float]:
-    need = estimate_disk(cfg, dim, vocab_size, sample)
+def _check_disk(cfg: SynthesisConfig, dim: int, vocab_size: int, sample: CorpusSample, shards: int,
+                tokenizer_bytes: int) -> dict[str, float]:
+    need = estimate_disk(cfg, dim, vocab_size, sample, shards, tokenizer_bytes)
     work = Path(cfg.resolved_work_dir)
     # a resumed run has already written part of its work directory
     need["work"] = max(0.0, need["work"] - (_tree_bytes(work) if work.is_dir() else 0))
