@@ -16,7 +16,9 @@ reader's/tokenizer's own user-error type) with one line naming the flag to chang
    its whole meta-document), and the pool holds more tokens than one sample;
 8. the free disk space covers the estimated work and output sizes.
 
-Nothing is written: the work directory and the output directory are not created here.
+Nothing is left behind: the work and output directories are not created here (the write test creates
+and removes one empty file in the nearest existing directory). The call belongs before the first stage of
+a fresh or resumed run (``cli.main`` makes it before ``pipeline.run`` and before a Slurm submission).
 """
 
 from __future__ import annotations
