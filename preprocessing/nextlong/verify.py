@@ -672,10 +672,10 @@ def verify_dataset(
                 picks = sorted(rng.choice(len(text), size=min(decode, len(text)), replace=False).tolist())
                 _decode_samples(c, res, tok, picks, text, spans, paths)
 
+    if source <= 0:
+        return res
     with _Check(res, "source_text", max_failures) as c:
-        if source <= 0:
-            c.skip("not requested")
-        elif text is None or spans is None or not tiled:
+        if text is None or spans is None or not tiled:
             c.skip("needs the text dataset and a tiling spans sidecar")
         elif not paths.chunks.exists():
             c.skip(f"{paths.chunks} not present (work directory removed?)")
