@@ -198,6 +198,17 @@ def test_preflight_target_length_advice_points_up(cfg_for, tmp_path, caplog):
     assert any("A larger --target-length keeps them" in r.getMessage() for r in caplog.records)
 
 
+def test_preflight_reads_every_parquet_footer(cfg_for, tmp_path, docs_corpus):
+    recs = [json.loads(x) for x in docs_corpus.read_text(encoding="utf-8").splitlines()[:100]]
+    table = pa.table({"id": [r["id"] for r in recs], "text": [r["text"] for r in recs]})
+    for name in ("a", "b", "c"):
+        pq.write_table(table, tmp_path / f"{name}.parquet")
+    b = tmp_path / "b.parquet"
+    b.write_bytes(b.read_bytes()[:-100])  # the footer of a later file is cut: caught before any work
+    with pytest.raises(InputError, match="b.parquet: not a readable Parquet file"):
+        preflight(cfg_for(inputs=[str(tmp_path / "*.parquet")]))
+
+
 def test_preflight_output_under_a_file(cfg_for, tmp_path):
     (tmp_path / "afile").write_text("x")
     cfg = cfg_for(output_prefix=str(tmp_path / "afile" / "out" / "ds"))

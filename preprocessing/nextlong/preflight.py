@@ -5,7 +5,7 @@ reader's/tokenizer's own user-error type) with one line naming the flag to chang
 
 1. ``--output-prefix`` / ``--work-dir``: the nearest existing directory accepts a new file (read-only
    file systems, missing permissions, a path component that is a file);
-2. ``--input``: every input matches readable files;
+2. ``--input``: every input matches readable files (every Parquet file's footer is read);
 3. ``--tokenizer`` loads (and ``--bos-token`` / ``--eos-token`` resolve);
 4. ``--embedder`` loads (``hashing`` always does; a sentence-transformers model is loaded once, on CPU);
 5. a sample of the first documents of every input is read, chunked and tokenized as the chunk stage
@@ -156,10 +156,10 @@ def _count_jsonl_records(path: Path) -> float:
 
 
 def _count_records(path: str) -> float:
-    from .readers import InputError, _format_of
+    from .readers import InputError, format_of
 
     p = Path(path)
-    if _format_of(p) == "parquet":
+    if format_of(p) == "parquet":
         import pyarrow.parquet as pq
 
         try:
@@ -172,7 +172,7 @@ def _count_records(path: str) -> float:
 def _sample_corpus(cfg: SynthesisConfig, specs, files: dict[str, list[str]], tok, sample_docs: int) -> CorpusSample:
     """Read the first documents of every input as the chunk stage would, and extrapolate to all its files."""
     from .chunking import chunk_spans
-    from .readers import InputPolicy, InputSpec, Rejects, iter_documents
+    from .readers import InputPolicy, InputSpec, Rejects, format_of, iter_documents
 
     policy = InputPolicy(cfg.duplicates, cfg.control_chars)
     sep = len(tok.encode(cfg.separator)) if cfg.separator else 0
@@ -211,9 +211,12 @@ def _sample_corpus(cfg: SynthesisConfig, specs, files: dict[str, list[str]], tok
             records = float(rejects.read)
         else:
             first_records = max(1.0, _count_records(first))
-            # the other files of this input are assumed to hold as many records per byte as the first one
+            # Parquet footers are read for every file (cheap, and a truncated file fails here); JSONL files
+            # are assumed to hold as many records per byte as the first one of their input
             per_byte = first_records / max(1, Path(first).stat().st_size)
-            records = first_records + sum(per_byte * Path(f).stat().st_size for f in files[spec.name][1:])
+            records = first_records + sum(
+                _count_records(f) if format_of(Path(f)) == "parquet" else per_byte * Path(f).stat().st_size
+                for f in files[spec.name][1:])
         read = rejects.read if not builtin else max(1, rejects.read * taken // max(1, seen))
         used_share = taken / max(1, read)
         scale = records / max(1, read)

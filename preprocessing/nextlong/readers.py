@@ -177,13 +177,17 @@ class InputSpec:
         return matched
 
 
-def _format_of(path: Path) -> str | None:
+def format_of(path: Path) -> str | None:
+    """``jsonl``, ``parquet`` or None, from the file name."""
     name = path.name.lower()
     if name.endswith(JSONL_SUFFIXES):
         return "jsonl"
     if name.endswith(PARQUET_SUFFIXES):
         return "parquet"
     return None
+
+
+_format_of = format_of
 
 
 def _open_text_bytes(path: Path) -> io.BufferedIOBase:
