@@ -40,7 +40,7 @@ def cl100k_json(tmp_path_factory) -> Path:
 @pytest.fixture(scope="session")
 def docs_corpus(tmp_path_factory) -> Path:
     """~430 documents of real human-written prose (Python's documentation, split in halves), as JSONL."""
-    from nextlong.readers import builtin_documents
+    from nextlong.corpora import builtin_documents
 
     out = tmp_path_factory.mktemp("corpus") / "pydocs.jsonl"
     with open(out, "w", encoding="utf-8") as f:

@@ -53,7 +53,7 @@ TEST_RE = re.compile(r"test results at the end of training for test data \| lm_l
 
 TOKENIZER_SCRIPT = """
 import sys
-from nextlong.readers import builtin_documents
+from nextlong.corpora import builtin_documents
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 docs = [d.text for _, d in zip(range(300), builtin_documents("python-docs", "python-docs"))]
 tok = Tokenizer(models.BPE())

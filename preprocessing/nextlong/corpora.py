@@ -4,8 +4,8 @@
 (``pydoc_data.topics``, the text ``help()`` shows) plus the docstrings of pure-Python standard-library
 modules: human-written technical prose, available offline wherever Python is installed.
 
-Records are ``(doc_id, text, where)`` tuples; :func:`nextlong.readers.iter_documents` makes documents of
-them (this module imports nothing from the package, so the two never import each other).
+:func:`builtin_records` gives ``(doc_id, text, where)`` tuples, which :func:`nextlong.readers.iter_documents`
+filters like any input; :func:`builtin_documents` gives them as they are.
 """
 
 from __future__ import annotations
@@ -16,6 +16,8 @@ import logging
 import pkgutil
 import sys
 from collections.abc import Iterator
+
+from .documents import Document, InputError
 
 log = logging.getLogger(__name__)
 
@@ -61,3 +63,11 @@ def builtin_records(name: str) -> Iterator[tuple[str, str, str]]:
         yield from _python_docs()
     else:
         raise ValueError(f"unknown built-in corpus {name!r}; choose from {BUILTIN_CORPORA}")
+
+
+def builtin_documents(name: str, corpus: str) -> Iterator[Document]:
+    """Every document of a built-in corpus as it is (no reader policy applied), named ``corpus``."""
+    if name not in BUILTIN_CORPORA:
+        raise InputError(f"--input builtin:{name}: unknown built-in corpus; choose from {BUILTIN_CORPORA}")
+    for doc_id, text, where in builtin_records(name):
+        yield Document(corpus, doc_id, text, where)

@@ -49,6 +49,11 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from .documents import Document, InputError
+
+__all__ = ["Document", "InputError", "InputPolicy", "InputSpec", "Rejects", "iter_documents", "iter_lines",
+           "merge_audits", "parse_input_specs", "repeated_across_inputs"]
+
 log = logging.getLogger(__name__)
 
 JSONL_SUFFIXES = (".jsonl", ".json", ".jsonl.gz", ".json.gz", ".jsonl.zst", ".json.zst", ".jsonl.zstd")
@@ -63,21 +68,6 @@ _SURROGATE = re.compile(r"[\ud800-\udfff]")
 #: C0 control except tab, newline, VT, FF, CR; DEL; C1 controls
 _CONTROL = re.compile(r"\x1b\[[0-?]*[ -/]*[@-~]|\x1b\][^\x07\x1b]*(?:\x07|\x1b\\)?|\x1b[@-_]?"
                       r"|[\x00-\x08\x0e-\x1a\x1c-\x1f\x7f-\x9f]")
-
-
-class InputError(ValueError):
-    """An input specification cannot be used (no file matched, unknown format, ...)."""
-
-
-@dataclass(frozen=True)
-class Document:
-    """One input document."""
-
-    corpus: str  #: name of the input it came from
-    doc_id: str  #: the record's id field, or ``<file name>:<line or row>`` when it has none
-    text: str
-    source: str  #: ``<file>:<line>`` (JSONL) or ``<file>:row <n>`` (Parquet), for messages
-    text_hash: int = 0  #: signed 64-bit hash of the normalized text (:func:`normalized_hash`)
 
 
 @dataclass(frozen=True)
@@ -468,16 +458,6 @@ def iter_documents(spec: InputSpec, text_field: str, id_field: str, rejects: Rej
             yield from read_parquet(path, spec.name, text_field, id_field, rejects, policy=policy)
         else:
             yield from read_jsonl(path, spec.name, text_field, id_field, rejects, policy)
-
-
-def builtin_documents(name: str, corpus: str) -> Iterator[Document]:
-    """Every document of a built-in corpus as it is (no policy applied), named ``corpus``."""
-    from .corpora import BUILTIN_CORPORA, builtin_records
-
-    if name not in BUILTIN_CORPORA:
-        raise InputError(f"--input builtin:{name}: unknown built-in corpus; choose from {BUILTIN_CORPORA}")
-    for doc_id, text, where in builtin_records(name):
-        yield Document(corpus, doc_id, text, where)
 
 
 def repeated_across_inputs(hashes_per_file: Iterable[Iterable[int]]) -> int:
