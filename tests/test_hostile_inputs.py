@@ -339,3 +339,15 @@ def test_source_check_on_a_real_run_catches_zeroed_tokens(tmp_path, docs_corpus,
     res = verify_dataset(prefix, source=16)
     assert res.checks["source_text"].startswith("FAILED")
     assert any("tokens differ from the source text" in f for f in res.failures)
+
+
+def test_pipeline_without_preflight_advises_the_right_way(tmp_path, small_tokenizer_json):
+    # the same situation reaching the synthesis (e.g. a --stage run that skips the preflight)
+    from nextlong.pipeline import SynthesisError, run
+
+    p = tmp_path / "normal.jsonl"
+    p.write_bytes(_lines(RECORDS[:40]))
+    cfg = SynthesisConfig(inputs=[str(p)], output_prefix=str(tmp_path / "o" / "ds"),
+                          tokenizer=str(small_tokenizer_json), target_length=64)
+    with pytest.raises(SynthesisError, match="Raise --target-length: most documents are longer than one sample"):
+        run(cfg, progress=False)

@@ -228,10 +228,13 @@ def stage_merge(cfg: SynthesisConfig, work: Path, tok, summary: dict, timings: d
             dropped[r] = dropped.get(r, 0) + n
     produced = sum(s["samples"] for s in part_stats)
     if produced == 0:
+        too_long = 2 * dropped.get("meta_document_longer_than_target", 0) > sum(dropped.values())
         raise SynthesisError(
-            f"the corpus is too small to fill even one sample of {cfg.target_length} tokens: "
+            f"no sample of {cfg.target_length} tokens could be built: "
             f"{len(sp.order)} meta-documents, {sp.n_chunks} chunks ({sp.pool_tokens} tokens) in the pool; "
-            f"dropped {dropped}. Lower --target-length or add input documents."
+            f"dropped {dropped}. "
+            + ("Raise --target-length: most documents are longer than one sample." if too_long
+               else "The corpus is too small: lower --target-length or add input documents.")
         )
     t0 = time.time()
     merged = synthesize.merge_parts(work, len(sp.plan), cfg.output_prefix, cfg.emit_labels, cfg.max_samples)
