@@ -309,7 +309,7 @@ def test_source_check_on_a_real_run_catches_zeroed_tokens(tmp_path, docs_corpus,
 
     # the corpus with a few hostile records: the manifest accounts for every one
     bad = tmp_path / "in.jsonl"
-    some = b"".join(docs_corpus.read_bytes().splitlines(keepends=True)[:120])
+    some = b"".join(docs_corpus.read_bytes().splitlines(keepends=True)[:60])
     bad.write_bytes(some + b"\n{broken\n" + b'{"id": "s", "text": "\\ud800"}\n' + some.splitlines(keepends=True)[0])
     prefix = tmp_path / "o" / "ds"
     assert main(["--input", str(bad), "--tokenizer", str(small_tokenizer_json), "--output-prefix", str(prefix),
