@@ -105,7 +105,8 @@ def _check_writable(cfg: SynthesisConfig) -> None:
                          ("--work-dir" if cfg.work_dir else "--output-prefix", Path(cfg.resolved_work_dir))):
         base = _existing_ancestor(target)
         if not base.is_dir():
-            raise ConfigError(f"{flag}: {base} is a file, not a directory, so {target} cannot be created")
+            tail = "" if base == target.absolute() else f", so {target} cannot be created"
+            raise ConfigError(f"{flag}: {base} is a file, not a directory{tail}")
         try:
             fd, name = tempfile.mkstemp(prefix=".nextlong-write-test-", dir=base)
         except OSError as e:
