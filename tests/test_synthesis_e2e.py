@@ -11,6 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 from nextlong.cli import main
 from nextlong.indexed import read_indexed
+from nextlong.readers import normalized_hash
 from nextlong.tokenization import load_tokenizer
 
 T = 4096
@@ -155,8 +156,9 @@ def test_bad_input_is_counted_and_tiny_corpus_is_an_error(tmp_path, docs_corpus,
                     + ("\n".join(lines[200:]) + "\n").encode())
     prefix = run(tmp_path, bad, cl100k_json)
     rejects = [json.loads(x) for x in Path(f"{prefix}_rejects.jsonl").read_text().splitlines()]
+    # the corpus itself repeats two documents (Python's docs share some texts): dropped as duplicate_text
     assert {r["reason"] for r in rejects} == {"malformed_json", "missing_text_field", "empty_document",
-                                              "invalid_utf8"}
+                                              "invalid_utf8", "duplicate_text"}
     assert any(r["where"] == f"{bad}:201" for r in rejects)
     manifest = json.loads(Path(f"{prefix}_manifest.json").read_text())
     assert manifest["counts"]["inputs_rejected"]["malformed_json"] == 1
@@ -164,7 +166,8 @@ def test_bad_input_is_counted_and_tiny_corpus_is_an_error(tmp_path, docs_corpus,
     tiny.write_text("\n".join(lines[:3]) + "\n")
     assert main(["--input", str(tiny), "--tokenizer", str(cl100k_json), "--output-prefix",
                  str(tmp_path / "tiny" / "x"), "--target-length", "131072", "--no-progress"]) == 2
-    assert "too small to fill even one sample" in caplog.text
+    assert "--target-length 131072: the inputs hold only about" in caplog.text  # caught before any work
+    assert "lower --target-length" in caplog.text
     assert not Path(f"{tmp_path}/tiny/x_text_document.bin").exists()
 
 
@@ -211,7 +214,10 @@ def test_two_inputs_mixed_by_weight(tmp_path, docs_corpus, cl100k_json):
     negs = spans[spans["role"] == "negative"]
     assert set(negs["corpus"]) == {"a", "b"}  # both inputs are in the retrieval pool
     manifest = json.loads(Path(f"{prefix}_manifest.json").read_text())
-    assert manifest["counts"]["documents_per_input"] == {"a": len(lines[::2]), "b": len(lines[1::2])}
+    # every document of each input, less the repeats within the file (--duplicates drop, the default)
+    distinct = {name: len({normalized_hash(json.loads(x)["text"]) for x in part})
+                for name, part in (("a", lines[::2]), ("b", lines[1::2]))}
+    assert manifest["counts"]["documents_per_input"] == distinct
 
 
 # ------------------------------------------------------------------ where the negatives land, on pipeline output

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import sys
@@ -15,29 +16,53 @@ DEMO = dict(inputs=["builtin:python-docs"], tokenizer="builtin:cl100k_base", tar
             output_prefix="demo/nextlong_python_docs", max_samples=64)
 
 
+class _HelpFormatter(argparse.HelpFormatter):
+    """Shows each flag's true default once: none for switches and unset values, strings with escapes."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        d = action.default
+        if "default" in text or d is None or d is argparse.SUPPRESS or isinstance(d, bool) or d == []:
+            return text
+        shown = repr(d) if isinstance(d, str) and (d != d.strip() or not d) else str(d)
+        return f"{text} (default: {shown.replace('%', '%%')})"
+
+
+REQUIRED = "required unless --demo: "
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="make_nextlong_bin.py",
         description="Synthesize NExtLong long-context samples (meta-chunks + FAISS-mined hard negatives) and "
-                    "write them as GPT-NeoX / megatron-core indexed datasets with a parallel loss-weight mask.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "write them as GPT-NeoX / megatron-core indexed datasets with a parallel loss-weight mask. "
+                    "Flags marked 'required' must be given unless --demo is.",
+        formatter_class=_HelpFormatter,
     )
     io = p.add_argument_group("inputs and outputs")
     io.add_argument("--input", action="append", dest="inputs", metavar="PATH_OR_GLOB",
-                    help="corpus: JSONL (.gz/.zst), Parquet, a directory, a glob, or builtin:python-docs; repeatable")
+                    help=REQUIRED + "corpus: JSONL (.gz/.zst), Parquet, a directory, a glob, or builtin:python-docs; "
+                         "repeatable")
     io.add_argument("--mix", type=float, action="append", metavar="WEIGHT",
                     help="mixing weight of each --input for drawing meta-documents (one per --input)")
     io.add_argument("--input-name", action="append", dest="input_names", metavar="NAME",
                     help="name of each --input in the provenance (default: file stem)")
     io.add_argument("--text-field", default="text", help="JSON key / Parquet column of the document text")
     io.add_argument("--id-field", default="id", help="JSON key / Parquet column of the document id")
-    io.add_argument("--output-prefix", help="output prefix: <prefix>_text_document.bin, ... (dirs are created)")
+    io.add_argument("--output-prefix", help=REQUIRED + "output prefix: <prefix>_text_document.bin, ... (dirs are "
+                    "created)")
     io.add_argument("--work-dir", help="intermediate files (default: <prefix>.work); reruns resume from it")
     io.add_argument("--emit-labels", action="store_true",
                     help="also write <prefix>_label_document (int32 ids, -100 on hard negatives) for stock "
                          "GPT-NeoX's train_label_data_paths")
+    io.add_argument("--duplicates", choices=("drop", "keep"), default="drop",
+                    help="a document whose normalized text repeats an earlier one of its file: drop or keep it "
+                         "(counted either way; repeats across files are counted and kept)")
+    io.add_argument("--control-chars", choices=("strip", "keep"), default="strip",
+                    help="control characters and ANSI escapes in document text (NUL, ESC, DEL, C1; not tab, "
+                         "newline, CR, FF, VT): strip or keep them (counted either way)")
     tk = p.add_argument_group("tokenizer")
-    tk.add_argument("--tokenizer", help="tokenizer.json, a HuggingFace model dir, or builtin:cl100k_base")
+    tk.add_argument("--tokenizer", help=REQUIRED + "tokenizer.json, a HuggingFace model dir, or builtin:cl100k_base")
     tk.add_argument("--bos-token", default="auto", help="BOS token string, 'auto' or 'none'")
     tk.add_argument("--eos-token", default="auto", help="EOS token string, 'auto' or 'none'")
     tk.add_argument("--separator", default="\n\n", help="text joining consecutive chunks (may be empty)")
@@ -105,17 +130,22 @@ def build_parser() -> argparse.ArgumentParser:
     sl.add_argument("--slurm-time", default="24:00:00", help="time limit per task, Slurm syntax")
     sl.add_argument("--slurm-account", help="account to charge")
     sl.add_argument("--slurm-extra", action="append", default=[], help="extra #SBATCH line, e.g. --qos=high")
-    ru.add_argument("--no-verify", dest="verify", action="store_false", help="skip the dataset check at the end")
-    ru.add_argument("--no-progress", dest="progress", action="store_false", help="no progress bars")
+    ru.add_argument("--no-verify", dest="verify", action="store_false",
+                    help="skip the dataset check at the end (it runs by default)")
+    ru.add_argument("--no-progress", dest="progress", action="store_false",
+                    help="no progress bars (shown by default)")
     ru.add_argument("--demo", action="store_true",
                     help="run on the built-in corpus with the built-in tokenizer (16384-token samples, "
                          "64 samples, prefix demo/nextlong_python_docs) unless flags say otherwise")
     ru.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    ru.add_argument("--debug", action="store_true",
+                    help="print the traceback of a user error too (internal errors always print one)")
     return p
 
 
 #: flags that choose where and how much of the run happens, not what it computes
-RUN_ONLY = ("demo", "verbose", "progress", "stage", "task_index", "status", "executor", "partition", "gpu_partition",
+RUN_ONLY = ("demo", "verbose", "debug", "progress", "stage", "task_index", "status", "executor", "partition",
+            "gpu_partition",
             "slurm_gpus", "slurm_cpus", "slurm_mem", "slurm_time", "slurm_account", "slurm_extra", "dry_run",
             "estimate_documents", "estimate_chunks", "estimate_samples", "sample_docs", "gpus", "gpu", "mfu",
             "embedder_params")
@@ -153,6 +183,31 @@ def config_from_args(args: argparse.Namespace) -> SynthesisConfig:
     return SynthesisConfig(**values)
 
 
+#: errno values of the environment, not of the code: a clear one-line error, exit 2
+_ENV_ERRNOS = {errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM, errno.EMFILE, errno.ENAMETOOLONG}
+
+
+def _user_errors() -> tuple[type[BaseException], ...]:
+    from .indexed import IndexedFormatError
+    from .pipeline import SynthesisError
+    from .readers import InputError
+    from .tokenization import TokenizerError
+
+    return ConfigError, InputError, TokenizerError, SynthesisError, IndexedFormatError
+
+
+def _describe_os_error(e: OSError) -> str:
+    what = {errno.ENOSPC: "no space left on the device", errno.EDQUOT: "disk quota exceeded",
+            errno.EROFS: "read-only file system", errno.EACCES: "permission denied",
+            errno.EPERM: "operation not permitted"}.get(e.errno or 0, e.strerror or str(e))
+    where = e.filename or "a file"
+    hint = {errno.ENOSPC: "; free space or choose another --work-dir / --output-prefix (the run resumes)",
+            errno.EDQUOT: "; free space or choose another --work-dir / --output-prefix (the run resumes)",
+            errno.EROFS: "; choose a writable --output-prefix / --work-dir",
+            errno.EACCES: "; choose a writable --output-prefix / --work-dir"}.get(e.errno or 0, "")
+    return f"{where}: {what}{hint}"
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     parser = build_parser()
@@ -160,51 +215,65 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
     logging.getLogger("faiss").setLevel(logging.WARNING)
-    from .indexed import IndexedFormatError
-    from .pipeline import SynthesisError, run
-    from .readers import InputError
     from .stages.runner import Interrupted
-    from .tokenization import TokenizerError
 
     try:
-        cfg = config_from_args(args)
-        if args.task_index is not None and not 0 <= args.task_index < cfg.tasks:
-            raise ConfigError(f"--task-index: {args.task_index} is not in [0, --tasks {cfg.tasks})")
-        if args.task_index is not None and args.stage not in ("chunk", "embed", "synth"):
-            raise ConfigError("--task-index: only the chunk, embed and synth stages are split into tasks")
-        if args.status:
-            from .pipeline import status
-
-            print(status(cfg))
-            return 0
-        if args.dry_run:
-            from .estimate import estimate, format_estimate
-
-            est = estimate(cfg, documents=args.estimate_documents, chunks=args.estimate_chunks,
-                           samples=args.estimate_samples, sample_docs=args.sample_docs, gpus=args.gpus, gpu=args.gpu,
-                           mfu=args.mfu, embedder_params=args.embedder_params)
-            print(format_estimate(est))
-            return 0
-        if args.executor == "slurm":
-            from .slurm import SlurmOptions, submit
-
-            opts = SlurmOptions(partition=args.partition, gpu_partition=args.gpu_partition,
-                                gpus_per_task=args.slurm_gpus, cpus_per_task=args.slurm_cpus, mem=args.slurm_mem,
-                                time=args.slurm_time, account=args.slurm_account, extra=args.slurm_extra)
-            base = strip_flags(parser, argv, RUN_ONLY)
-            if args.demo:
-                base += [f"--{k.replace('_', '-')}={v}" for k, v in DEMO.items() if k != "inputs"]
-                base += [f"--input={x}" for x in DEMO["inputs"]]
-            ids = submit(cfg, base, opts)
-            print(json.dumps(ids))
-            return 0
-        manifest = run(cfg, progress=args.progress, stage=args.stage, task_index=args.task_index)
+        return _main(parser, args, argv)
     except Interrupted as e:
         log.error("%s", e)
         return 128 + e.signum
-    except (ConfigError, InputError, TokenizerError, SynthesisError, IndexedFormatError) as e:
-        log.error("%s", e)
+    except _user_errors() as e:
+        log.error("%s", " ".join(str(e).split()) if not args.debug else e, exc_info=args.debug)
         return 2
+    except OSError as e:
+        if e.errno not in _ENV_ERRNOS:
+            raise
+        log.error("%s", _describe_os_error(e), exc_info=args.debug)
+        return 2
+    except KeyboardInterrupt:
+        log.error("interrupted; rerun the same command to resume")
+        return 130
+
+
+def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[str]) -> int:
+    from .pipeline import run
+
+    cfg = config_from_args(args)
+    if args.task_index is not None and not 0 <= args.task_index < cfg.tasks:
+        raise ConfigError(f"--task-index: {args.task_index} is not in [0, --tasks {cfg.tasks})")
+    if args.task_index is not None and args.stage not in ("chunk", "embed", "synth"):
+        raise ConfigError("--task-index: only the chunk, embed and synth stages are split into tasks")
+    if args.status:
+        from .pipeline import status
+
+        print(status(cfg))
+        return 0
+    if args.dry_run:
+        from .estimate import estimate, format_estimate
+
+        est = estimate(cfg, documents=args.estimate_documents, chunks=args.estimate_chunks,
+                       samples=args.estimate_samples, sample_docs=args.sample_docs, gpus=args.gpus, gpu=args.gpu,
+                       mfu=args.mfu, embedder_params=args.embedder_params)
+        print(format_estimate(est))
+        return 0
+    if args.stage in ("all", "chunk") and args.task_index is None:
+        from .preflight import preflight
+
+        preflight(cfg)  # cheap checks before the first expensive stage: nothing is written yet
+    if args.executor == "slurm":
+        from .slurm import SlurmOptions, submit
+
+        opts = SlurmOptions(partition=args.partition, gpu_partition=args.gpu_partition,
+                            gpus_per_task=args.slurm_gpus, cpus_per_task=args.slurm_cpus, mem=args.slurm_mem,
+                            time=args.slurm_time, account=args.slurm_account, extra=args.slurm_extra)
+        base = strip_flags(parser, argv, RUN_ONLY)
+        if args.demo:
+            base += [f"--{k.replace('_', '-')}={v}" for k, v in DEMO.items() if k != "inputs"]
+            base += [f"--input={x}" for x in DEMO["inputs"]]
+        ids = submit(cfg, base, opts)
+        print(json.dumps(ids))
+        return 0
+    manifest = run(cfg, progress=args.progress, stage=args.stage, task_index=args.task_index)
     if manifest is None:
         return 0
     return 1 if manifest.get("verified") is False else 0

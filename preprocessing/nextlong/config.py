@@ -38,6 +38,13 @@ class SynthesisConfig:
     """``--text-field``: the JSON key / Parquet column holding the document text."""
     id_field: str = "id"
     """``--id-field``: the key / column holding a document id (file:line when absent)."""
+    duplicates: str = "drop"
+    """``--duplicates``: ``drop`` or ``keep`` a document whose normalized text (whitespace collapsed,
+    lower case) repeats an earlier document of the same input file; counted either way. Repeats across
+    input files are counted and kept (see ``nextlong.readers``)."""
+    control_chars: str = "strip"
+    """``--control-chars``: ``strip`` or ``keep`` control characters (NUL, ESC and ANSI escape sequences,
+    DEL, C1) in document text; tab, newline, CR, FF and VT are text. Counted either way."""
     target_length: int = 131072
     """``--target-length``: tokens per synthesized sample, exactly (BOS and EOS included). Paper: 131072."""
     granularity: int = 2048
@@ -125,6 +132,8 @@ class SynthesisConfig:
         need(self.embedding_dim >= 8, "--embedding-dim", "must be >= 8")
         need(self.nprobe >= 1, "--nprobe", "must be >= 1")
         need(self.embedding_dtype in ("float16", "float32"), "--embedding-dtype", "float16 or float32")
+        need(self.duplicates in ("drop", "keep"), "--duplicates", f"drop or keep, got {self.duplicates!r}")
+        need(self.control_chars in ("strip", "keep"), "--control-chars", f"strip or keep, got {self.control_chars!r}")
         if self.mix is not None:
             need(len(self.mix) == len(self.inputs), "--mix", f"give one weight per --input ({len(self.inputs)})")
             need(all(w > 0 for w in self.mix), "--mix", "weights must be > 0")

@@ -3,6 +3,9 @@
 ``builtin:python-docs`` is the Python reference documentation that ships with CPython
 (``pydoc_data.topics``, the text ``help()`` shows) plus the docstrings of pure-Python standard-library
 modules: human-written technical prose, available offline wherever Python is installed.
+
+:func:`builtin_records` gives ``(doc_id, text, where)`` tuples, which :func:`nextlong.readers.iter_documents`
+filters like any input; :func:`builtin_documents` gives them as they are.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ import pkgutil
 import sys
 from collections.abc import Iterator
 
-from .readers import Document, InputError
+from .documents import Document, InputError
 
 log = logging.getLogger(__name__)
 
@@ -22,13 +25,13 @@ BUILTIN_CORPORA = ("python-docs",)
 _SKIP_PREFIXES = ("test", "idlelib", "tkinter", "turtle", "lib2to3", "ensurepip", "venv", "antigravity", "this")
 
 
-def _python_docs(corpus: str) -> Iterator[Document]:
+def _python_docs() -> Iterator[tuple[str, str, str]]:
     import pydoc_data.topics as topics
 
     for key in sorted(topics.topics):
         text = topics.topics[key].strip()
         if text:
-            yield Document(corpus, f"pydoc:{key}", text, f"pydoc_data.topics[{key!r}]")
+            yield f"pydoc:{key}", text, f"pydoc_data.topics[{key!r}]"
     names = sorted(
         m.name for m in pkgutil.iter_modules() if m.name in sys.stdlib_module_names and not m.name.startswith("_")
     )
@@ -51,12 +54,20 @@ def _python_docs(corpus: str) -> Iterator[Document]:
                     parts.append(f"{attr}\n\n{doc}")
         text = "\n\n".join(p for p in parts if p).strip()
         if len(text) > 500:
-            yield Document(corpus, f"stdlib:{name}", text, f"module {name}")
+            yield f"stdlib:{name}", text, f"module {name}"
+
+
+def builtin_records(name: str) -> Iterator[tuple[str, str, str]]:
+    """``(doc_id, text, where)`` of every document of a built-in corpus (``name`` in :data:`BUILTIN_CORPORA`)."""
+    if name == "python-docs":
+        yield from _python_docs()
+    else:
+        raise ValueError(f"unknown built-in corpus {name!r}; choose from {BUILTIN_CORPORA}")
 
 
 def builtin_documents(name: str, corpus: str) -> Iterator[Document]:
-    """Documents of a built-in corpus; ``name`` is one of :data:`BUILTIN_CORPORA`."""
-    if name == "python-docs":
-        yield from _python_docs(corpus)
-    else:
+    """Every document of a built-in corpus as it is (no reader policy applied), named ``corpus``."""
+    if name not in BUILTIN_CORPORA:
         raise InputError(f"--input builtin:{name}: unknown built-in corpus; choose from {BUILTIN_CORPORA}")
+    for doc_id, text, where in builtin_records(name):
+        yield Document(corpus, doc_id, text, where)

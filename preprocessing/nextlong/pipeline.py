@@ -22,13 +22,22 @@ key holds it: ``--seed``, ``--mix``, ``--target-length``, ``--method``, the abla
 
 from __future__ import annotations
 
+import json
 import logging
+import os
+import time
+from pathlib import Path
 
 from .config import SynthesisConfig
 from .stages.base import SynthesisError
 from .stages.registry import ORDER as STAGES
 
 log = logging.getLogger(__name__)
+
+#: meta-chunk spans the end-of-run check compares with the input files
+SOURCE_SPANS = 32
+#: ... within this share of the run's wall time
+SOURCE_SHARE = 0.05
 
 __all__ = ["STAGES", "SynthesisError", "run", "status", "verify_outputs"]
 
@@ -51,18 +60,6 @@ def _load_tok(cfg: SynthesisConfig):
     return tok
 
 
-def _preflight():
-    """Hook for the cheap checks (tokenizer and embedder load, index fits, output writable, free disk, target
-    reachable) of ``nextlong.preflight.preflight(cfg)``: run before the work directory exists, when this
-    version of the package has them."""
-    try:
-        from . import preflight
-    except ImportError:
-        return None
-    check = getattr(preflight, "preflight", None)
-    return None if check is None else (lambda cfg, tok: check(cfg))
-
-
 def run(cfg: SynthesisConfig, progress: bool = True, stage: str = "all", task_index: int | None = None) -> dict | None:
     """Run every stage (``stage="all"``), or one stage, or one array task of one stage. Returns the manifest
     when the dataset was published (it is also written to ``<prefix>_manifest.json``)."""
@@ -71,7 +68,7 @@ def run(cfg: SynthesisConfig, progress: bool = True, stage: str = "all", task_in
     if stage != "all" and stage not in STAGES:
         raise SynthesisError(f"--stage {stage!r}: choose from all, {', '.join(STAGES)}")
     return runner.run(cfg, lambda: _load_tok(cfg), _progress_factory(progress), stage, task_index,
-                      verify=verify_outputs, preflight=_preflight())
+                      verify=verify_outputs)
 
 
 def status(cfg: SynthesisConfig) -> str:
@@ -82,18 +79,33 @@ def status(cfg: SynthesisConfig) -> str:
     return runner.status(cfg, load_tokenizer(cfg.tokenizer, cfg.bos_token, cfg.eos_token))
 
 
-def verify_outputs(cfg: SynthesisConfig, manifest: dict | None = None) -> bool:
+def verify_outputs(cfg: SynthesisConfig, run_seconds: float | None = None) -> bool:
     """Check the published dataset with :mod:`nextlong.verify`; log every failure. Returns True when sound.
-    Called by the runner right after the switch; a failure puts the previous dataset back. The end-of-run
-    comparison of a bounded sample of meta-chunk spans with the source text belongs here (hook: pass its
-    options to ``verify_dataset``; a manifest update must go through ``os.path.realpath`` of
-    ``<prefix>_manifest.json``, which is a link into the published version)."""
+    Called by the runner right after the switch; a failure puts the previous dataset back.
+
+    Besides the format and content checks, up to :data:`SOURCE_SPANS` meta-chunk spans are decoded and compared
+    with the input files, within :data:`SOURCE_SHARE` of the run's wall time ``run_seconds`` (unbounded when it
+    is not given). That check and its cost are recorded in the manifest under ``verify``; the manifest is
+    rewritten through ``os.path.realpath`` of ``<prefix>_manifest.json``, a link into the published version."""
     from .verify import verify_dataset
 
-    res = verify_dataset(cfg.output_prefix, decode=2)
+    t0 = time.time()
+    budget = SOURCE_SHARE * run_seconds if run_seconds else None
+    res = verify_dataset(cfg.output_prefix, decode=2, source=SOURCE_SPANS, source_seconds=budget)
+    src = res.stats.get("source_check")
+    if src is not None:
+        src["share_of_run"] = round(src["seconds"] / max(float(run_seconds or 0), 1e-9), 4) if run_seconds else None
+        path = Path(os.path.realpath(f"{cfg.output_prefix}_manifest.json"))
+        manifest = json.loads(path.read_text())
+        manifest["verify"] = {"seconds": round(time.time() - t0, 3), "source_check": src, "checks": res.checks}
+        tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(manifest, indent=2, default=str) + "\n")
+        os.replace(tmp, path)
+        log.info("verify: %d meta-chunk spans compared with the input files (%d documents read) in %.1f s%s",
+                 src["spans_checked"], src["documents_read"], src["seconds"],
+                 f", {100 * src['share_of_run']:.1f}% of the run" if src["share_of_run"] is not None else "")
     if res.ok:
         log.info("verify: %s: all checks passed", cfg.output_prefix)
     for f in res.failures:
         log.error("verify: %s", f)
     return bool(res.ok)
-

@@ -36,7 +36,7 @@ from pathlib import Path
 import numpy as np
 
 from .chunking import chunk_spans
-from .readers import InputSpec, Rejects, iter_documents, parse_input_specs
+from .readers import InputPolicy, InputSpec, Rejects, iter_documents, parse_input_specs
 
 log = logging.getLogger(__name__)
 
@@ -106,9 +106,10 @@ def chunk_shard(cfg, work: Path, shard: Shard, tokenizer, progress=None) -> dict
     out.mkdir(parents=True, exist_ok=True)
     rejects = Rejects()
     cols: dict[str, list] = {k: [] for k in ("doc_id", "doc_local", "chunk_in_doc", "text", "n_chars", "text_hash")}
-    docs: dict[str, list] = {k: [] for k in ("doc_id", "n_chunks", "n_chars")}
+    docs: dict[str, list] = {k: [] for k in ("doc_id", "n_chunks", "n_chars", "text_hash")}
     bar = progress(desc=f"chunk {shard.name}", unit="doc") if progress else None
-    for doc in iter_documents(shard.spec, cfg.text_field, cfg.id_field, rejects):
+    policy = InputPolicy(cfg.duplicates, cfg.control_chars)
+    for doc in iter_documents(shard.spec, cfg.text_field, cfg.id_field, rejects, policy):
         spans = chunk_spans(doc.text, cfg.granularity)
         if not spans:
             rejects.add("empty_document", doc.source)
@@ -117,6 +118,7 @@ def chunk_shard(cfg, work: Path, shard: Shard, tokenizer, progress=None) -> dict
         docs["doc_id"].append(doc.doc_id)
         docs["n_chunks"].append(len(spans))
         docs["n_chars"].append(len(doc.text))
+        docs["text_hash"].append(doc.text_hash)
         for j, (a, b) in enumerate(spans):
             t = doc.text[a:b]
             cols["doc_id"].append(doc.doc_id)
@@ -171,11 +173,12 @@ def chunk_shard(cfg, work: Path, shard: Shard, tokenizer, progress=None) -> dict
         "doc_id": pa.array(docs["doc_id"], pa.string()),
         "n_chunks": pa.array(docs["n_chunks"], pa.int32()),
         "n_chars": pa.array(docs["n_chars"], pa.int64()),
+        "text_hash": pa.array(docs["text_hash"], pa.int64()),
     }))
     rejects.write(out / "rejects.jsonl")
     chars = int(sum(cols["n_chars"]))
     return {"documents": len(docs["doc_id"]), "chunks": n, "tokens": int(offsets[-1]), "chars": chars,
-            "rejected": dict(sorted(rejects.counts.items()))}
+            "rejected": dict(sorted(rejects.counts.items())), "inputs": rejects.audit(len(docs["doc_id"]))}
 
 
 def shard_texts(work: Path, shard: Shard) -> list[str]:

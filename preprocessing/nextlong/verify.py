@@ -11,7 +11,12 @@
 * BOS/EOS spans hold the manifest's special token ids; chunk spans agree with ``P.work/chunks.parquet``;
 * the manifest's counts agree with the files;
 * optionally, ``decode`` random samples are decoded and every chunk span is compared with a fresh
-  tokenization of its chunk's text.
+  tokenization of its chunk's text;
+* optionally, ``source`` random meta-chunk spans are compared with the input files themselves: each
+  span's document is read again from its ``--input`` (with the run's reader policies), re-chunked, and
+  the span's tokens must equal the tokenization of that chunk of the source text. Only
+  the first part of each input is read (:data:`SOURCE_READ_SHARE` of its documents, at least
+  :data:`SOURCE_READ_MIN`), so the cost stays a small share of the run; it is reported in ``stats``.
 
 Problems are collected, never raised: the result lists one message per problem naming the file and the
 sample (item) number. Nothing here writes to the dataset.
@@ -54,6 +59,10 @@ SPAN_COLUMNS = {
 BLOCK_TOKENS = 1 << 24
 #: Label value of tokens that carry no loss.
 IGNORE_INDEX = -100
+#: The source check reads at most this share of each input's documents (from its start) ...
+SOURCE_READ_SHARE = 0.05
+#: ... but always at least this many documents.
+SOURCE_READ_MIN = 2000
 
 
 # --------------------------------------------------------------------------------------------- paths
@@ -416,12 +425,16 @@ def verify_dataset(
     tokenizer: Any = None,
     seed: int = 0,
     max_failures: int = 20,
+    source: int = 0,
+    source_seconds: float | None = None,
 ) -> VerifyResult:
     """Check every file of the run written with ``--output-prefix prefix``.
 
     ``decode``: number of random samples to decode (needs a tokenizer: ``tokenizer`` — a loaded
     tokenizer, a ``tokenizer.json`` path or a ``--tokenizer`` spec — else the manifest's
     ``tokenizer.spec``). ``seed`` picks those samples. ``max_failures``: messages kept per check.
+    ``source``: number of random meta-chunk spans compared with the input files (module docstring);
+    ``source_seconds``: stop reading the inputs for it after this time (at least one span is checked).
     """
     paths = resolve_paths(prefix)
     res = VerifyResult(prefix=str(paths.prefix))
@@ -634,6 +647,7 @@ def verify_dataset(
                        f"{_bin(text)} holds {res.stats['tokens']} tokens")
 
     # ---- decoding
+    loaded: dict[int, Any] = {}  # the tokenizer, loaded once for the decode and source checks
     with _Check(res, "decode", max_failures) as c:
         if decode <= 0:
             c.skip("not requested (--decode N)")
@@ -648,7 +662,7 @@ def verify_dataset(
                         and not Path(spec).is_absolute() and not Path(spec).exists():
                     cand = paths.manifest_path.parent / spec
                     spec = str(cand) if cand.exists() else spec
-                tok = _load_tokenizer(spec)
+                tok = loaded[id(spec)] = _load_tokenizer(spec)
                 want = tok_info.get("sha256")
                 have = getattr(tok, "sha256", None)
                 if want and have and want != have:
@@ -657,7 +671,122 @@ def verify_dataset(
                 rng = np.random.default_rng(seed)
                 picks = sorted(rng.choice(len(text), size=min(decode, len(text)), replace=False).tolist())
                 _decode_samples(c, res, tok, picks, text, spans, paths)
+
+    if source <= 0:
+        return res
+    with _Check(res, "source_text", max_failures) as c:
+        if text is None or spans is None or not tiled:
+            c.skip("needs the text dataset and a tiling spans sidecar")
+        elif not paths.chunks.exists():
+            c.skip(f"{paths.chunks} not present (work directory removed?)")
+        else:
+            spec = tokenizer if tokenizer is not None else tok_info.get("spec")
+            if isinstance(spec, str) and tokenizer is None and not spec.startswith("builtin:") \
+                    and not Path(spec).is_absolute() and not Path(spec).exists():
+                cand = paths.manifest_path.parent / spec
+                spec = str(cand) if cand.exists() else spec
+            tok = next(iter(loaded.values())) if loaded else (_load_tokenizer(spec) if spec is not None else None)
+            _check_source(c, res, paths, text, spans, tok, source, seed, source_seconds)
     return res
+
+
+def _check_source(c: _Check, res: VerifyResult, paths: DatasetPaths, text: IndexedDataset,
+                  spans: dict[str, np.ndarray], tok: Any, n: int, seed: int, budget: float | None = None) -> None:
+    """Compare ``n`` random meta-chunk spans with the chunk of the input document they came from."""
+    import time
+
+    from .chunking import chunk_spans
+    from .readers import InputPolicy, Rejects, iter_documents, parse_input_specs
+
+    t0 = time.perf_counter()
+    cfg = (paths.manifest or {}).get("config") or {}
+    if tok is None or not cfg.get("inputs"):
+        c.skip("the manifest names no tokenizer or inputs")
+        return
+    doc_index_path = paths.work_dir / "doc_corpus_index.npy"
+    if not doc_index_path.exists():
+        c.skip(f"{doc_index_path} not present")
+        return
+    meta = np.flatnonzero((spans["role"] == "meta") & (spans["chunk_id"] >= 0))
+    if not len(meta):
+        c.skip("no meta-chunk spans")
+        return
+    rows = read_chunk_rows(paths.chunks, spans["chunk_id"][meta], ["doc_ordinal", "chunk_in_doc", "corpus"])
+    doc_pos = np.load(doc_index_path, mmap_mode="r")
+    per_input = ((paths.manifest or {}).get("counts") or {}).get("documents_per_input") or {}
+    # position of each candidate span's document within its input; only the first part of an input is read
+    cand: list[tuple[int, str, int, int]] = []  # (span row, corpus, position in input, chunk in doc)
+    for r in meta.tolist():
+        rec = rows[int(spans["chunk_id"][r])]
+        pos = int(doc_pos[int(rec["doc_ordinal"])])
+        window = max(SOURCE_READ_MIN, int(SOURCE_READ_SHARE * int(per_input.get(rec["corpus"], 0))))
+        if pos < window:
+            cand.append((r, rec["corpus"], pos, int(rec["chunk_in_doc"])))
+    if not cand:
+        c.skip(f"no meta-chunk span comes from the first {SOURCE_READ_MIN} documents of an input")
+        return
+    rng = np.random.default_rng([seed, 0x50C])
+    picks = [cand[i] for i in sorted(rng.choice(len(cand), size=min(n, len(cand)), replace=False).tolist())]
+    specs = {s.name: s for s in parse_input_specs(cfg["inputs"], cfg.get("mix"), cfg.get("input_names"))}
+    policy = InputPolicy(cfg.get("duplicates", "drop"), cfg.get("control_chars", "strip"))
+    granularity = int(cfg.get("granularity", 2048))
+    need: dict[str, dict[int, list[tuple[int, int]]]] = {}
+    for r, corpus, pos, j in picks:
+        need.setdefault(corpus, {}).setdefault(pos, []).append((r, j))
+    checked = docs_read = 0
+    over = False
+    for corpus, wanted in need.items():
+        if over:
+            break
+        if corpus not in specs:
+            c.fail(f"{paths.manifest_path}: spans name input {corpus!r}, which config.inputs does not hold")
+            continue
+        last = max(wanted)
+        pos = -1
+        for doc in iter_documents(specs[corpus], cfg.get("text_field", "text"), cfg.get("id_field", "id"),
+                                  Rejects(max_logged=0), policy):
+            docs_read += 1
+            chunks = chunk_spans(doc.text, granularity)
+            if not chunks:
+                continue  # the chunk stage drops it too
+            pos += 1
+            for r, j in wanted.get(pos, []):
+                checked += 1
+                st, ln = int(spans["start"][r]), int(spans["length"][r])
+                sample = int(spans["sample"][r])
+                got = np.asarray(text[sample][st : st + ln]).tolist()
+                if str(spans["doc_id"][r]) != doc.doc_id:
+                    c.fail(f"{paths.spans}: sample {sample}, span {int(spans['span'][r])}: document "
+                           f"{spans['doc_id'][r]!r} is {doc.doc_id!r} at that place of input {corpus!r}")
+                    continue
+                if j >= len(chunks):
+                    c.fail(f"{paths.spans}: sample {sample}, span {int(spans['span'][r])}: document {doc.doc_id!r}"
+                           f" has {len(chunks)} chunks in {doc.source.rsplit(':', 1)[0]}, the span claims chunk {j}")
+                    continue
+                a, b = chunks[j]
+                want = _encode(tok, doc.text[a:b])
+                ok = got == want if not spans["truncated"][r] else (got == want[:ln] or got == want[len(want) - ln:])
+                if not ok:
+                    c.fail(f"{_bin(text)}: sample {sample}, span {int(spans['span'][r])} (meta, {doc.source}, "
+                           f"chunk {j}): tokens differ from the source text "
+                           f"({_first_difference(tok, got, want)})")
+            if pos >= last:
+                break
+            if budget is not None and checked and time.perf_counter() - t0 > budget:
+                over = True
+                break
+    seconds = time.perf_counter() - t0
+    res.stats["source_check"] = {"spans_picked": len(picks), "spans_checked": checked, "documents_read": docs_read,
+                                 "seconds": round(seconds, 3), "stopped_by_time_budget": over}
+
+
+def _first_difference(tok: Any, got: list[int], want: list[int]) -> str:
+    i = next((k for k, (x, y) in enumerate(zip(got, want, strict=False)) if x != y), min(len(got), len(want)))
+    try:
+        return (f"first at token {i}: {_decode(tok, np.asarray(got[i:i + 8]))!r} instead of "
+                f"{_decode(tok, np.asarray(want[i:i + 8]))!r}")
+    except Exception:  # noqa: BLE001 - tokenizers raise bare exceptions on invalid ids
+        return f"first at token {i}: ids {got[i:i + 8]} instead of {want[i:i + 8]}"
 
 
 def _check_tiling(c: _Check, sp: str, spans: dict[str, np.ndarray], text: IndexedDataset | None) -> bool:

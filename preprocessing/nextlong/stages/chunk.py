@@ -3,8 +3,9 @@
 Unit: one input file (``shard-XXXXX``, in input order then sorted file order; a built-in corpus is one).
 Writes ``pool/shard-XXXXX/``: chunks.parquet, docs.parquet, tokens.npy, token_offsets.npy, rejects.jsonl and,
 for the hashing embedder, df.npy and counts.npz (:func:`nextlong.pool.chunk_shard`).
-Key: the file's content identity, the text/id fields, ``--granularity``, the tokenizer's hash, and whether
-hashing counts are kept. Not the seed, the mix, the input names, the target length or the method.
+Key: the file's content identity, the text/id fields, ``--duplicates``, ``--control-chars``, ``--granularity``,
+the tokenizer's hash, and whether hashing counts are kept. Not the seed, the mix, the input names, the target
+length or the method.
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ def key(ctx: Ctx, unit: Unit) -> dict:
     if unit.name not in memo:
         memo[unit.name] = {
             "input": input_identity(ctx.work, unit.data.spec.pattern, ctx.memo),
-            "text_field": cfg.text_field, "id_field": cfg.id_field, "granularity": cfg.granularity,
+            "text_field": cfg.text_field, "id_field": cfg.id_field, "duplicates": cfg.duplicates,
+            "control_chars": cfg.control_chars, "granularity": cfg.granularity,
             "tokenizer_sha256": ctx.shared["tokenizer_sha256"], "hashing_counts": cfg.embedder == "hashing",
         }
     return memo[unit.name]

@@ -207,6 +207,7 @@ def build_manifest(ctx: Ctx) -> dict:
             rejected[r] = rejected.get(r, 0) + n
         per_input[s.spec.name] = per_input.get(s.spec.name, 0) + m["stats"]["documents"]
     totals = {k: sum(m["stats"][k] for m in chunk_m) for k in ("documents", "chunks", "tokens", "chars")}
+    inputs = _input_audit(ctx, chunk_m)
     overfill = [x for m in synth_m for x in m["stats"].get("paper_budget_overfill_tokens", [])]
     filt = {k: sum(m["stats"].get("filtered_candidates", {}).get(k, 0) for m in synth_m)
             for k in ("same_document", "duplicate", "adaptive_k_retries")}
@@ -240,6 +241,8 @@ def build_manifest(ctx: Ctx) -> dict:
             "documents_in": totals["documents"],
             "documents_per_input": per_input,
             "inputs_rejected": dict(sorted(rejected.items())),
+            # documents read = used + dropped + rejected, and what was noted about them (docs/format.md)
+            "inputs": inputs,
             "shards": len(chunk_m),
             "chunks": totals["chunks"],
             "pool_tokens": totals["tokens"],
@@ -260,7 +263,8 @@ def build_manifest(ctx: Ctx) -> dict:
         },
         "stages": {
             "chunk": {**totals, "shards": len(chunk_m), "documents_per_input": per_input,
-                      "rejected": dict(sorted(rejected.items())), "chars_per_token": p["chars_per_token"]},
+                      "rejected": dict(sorted(rejected.items())), "inputs": inputs,
+                      "chars_per_token": p["chars_per_token"]},
             "embed": {"embedder": embedder, "dtype": cfg.embedding_dtype,
                       "dim": embed_m[0]["stats"].get("dim") if embed_m else None,
                       "key_hash": key_hash([m["key_hash"] for m in embed_m])},
@@ -278,3 +282,18 @@ def build_manifest(ctx: Ctx) -> dict:
         "peak_rss_mib": max((r.get("peak_rss_mib", 0.0) for r in runs), default=None),
         "published": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+
+
+def _input_audit(ctx: Ctx, chunk_m: list[dict]) -> dict:
+    """Documents read = used + dropped + rejected, over all shards, plus repeats across input files."""
+    import pyarrow.parquet as pq
+
+    from ..pool import shard_dir
+    from ..readers import merge_audits, repeated_across_inputs
+    from . import chunk
+
+    audit = merge_audits(m["stats"]["inputs"] for m in chunk_m if "inputs" in m["stats"])
+    hashes = (pq.read_table(shard_dir(ctx.work, s) / "docs.parquet", columns=["text_hash"]).column(0).to_numpy()
+              for s in chunk.shards(ctx))
+    audit["noted"]["repeated_across_inputs"] = repeated_across_inputs(hashes)
+    return audit

@@ -378,7 +378,7 @@ def run(cfg, tok_loader, progress=None, stage: str = "all", task_index: int | No
         verify=None, preflight=None) -> dict | None:
     """Run every stage (``stage="all"``), one stage, or one array task of one stage.
 
-    ``tok_loader()`` loads the tokenizer; ``verify(cfg) -> bool`` checks the published dataset;
+    ``tok_loader()`` loads the tokenizer; ``verify(cfg, run_seconds) -> bool`` checks the published dataset;
     ``preflight(cfg, tok)`` runs cheap checks before anything is written. Returns the manifest when the
     dataset was published (with ``"verified"``), else None."""
     work = Path(cfg.resolved_work_dir)
@@ -439,14 +439,15 @@ def _run_stages(ctx: Ctx, stage: str, task_index: int | None, record: dict, t_st
             _log_chunk_summary(ctx)
     if "publish" not in names:
         return None
-    manifest = json.loads((MODULES["merge"].version_dir(ctx) / publish.manifest_name(ctx.cfg)).read_text())
+    manifest_path = MODULES["merge"].version_dir(ctx) / publish.manifest_name(ctx.cfg)
     ok = True
     if verify is not None and ctx.cfg.verify:
         t0 = time.time()
-        ok = bool(verify(ctx.cfg))
+        ok = bool(verify(ctx.cfg, t0 - t_start))
         record["verify_seconds"] = round(time.time() - t0, 3)
         if not ok:
             publish.roll_back(ctx)
+    manifest = json.loads(manifest_path.read_text())  # after verify, which records its source check there
     if ok:
         publish.remove_old_versions(ctx)
     manifest["verified"] = ok if ctx.cfg.verify else None
