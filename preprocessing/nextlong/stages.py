@@ -52,6 +52,9 @@ def stage_keys(cfg, tokenizer_sha256: str) -> dict[str, dict]:
                  hashing_df=cfg.embedder == "hashing")
     embed = dict(chunk, embedder=cfg.embedder, embedding_dim=cfg.embedding_dim, seed=cfg.seed,
                  embedding_dtype=cfg.embedding_dtype)
+    if cfg.embedder != "hashing":  # batch composition and precision change a neural embedder's bytes
+        embed.update(embed_precision=cfg.embed_precision, embed_batch_tokens=cfg.embed_batch_tokens,
+                     embed_batch_size=cfg.embed_batch_size)
     index = dict(embed, index_factory=cfg.index_factory, index_train_size=cfg.index_train_size)
     return {"chunk": chunk, "embed": embed, "gather": embed, "index": index}
 
@@ -93,7 +96,8 @@ def _embedder():
         cfg = _STATE["cfg"]
         _STATE["emb"] = make_embedder(cfg.embedder, cfg.seed, cfg.embedding_dim, cfg.embed_batch_size,
                                       device=_device_for_slot(_STATE.get("slot", 0)),
-                                      trust_remote_code=cfg.trust_remote_code)
+                                      trust_remote_code=cfg.trust_remote_code, precision=cfg.embed_precision,
+                                      batch_tokens=cfg.embed_batch_tokens, threads=cfg.embed_threads)
     return _STATE["emb"]
 
 
@@ -295,8 +299,7 @@ def pool_summary(cfg, work: Path, tok) -> dict:
         "chunk": {**totals, "shards": len(shards), "documents_per_input": per_input,
                   "rejected": dict(sorted(rejected.items())),
                   "chars_per_token": totals["chars"] / max(1, totals["tokens"])},
-        "embed": {"embedder": cfg.embedder, "dtype": cfg.embedding_dtype,
-                  "dim": embed[0].get("dim") if embed else None},
+        "embed": embed_record(cfg, embed),
         "index": ix["stats"] if ix else None,
         "index_key_hash": ix["key_hash"] if ix else None,
         "task_seconds": {"chunk": round(sum(st["seconds"] for st in chunk), 3),
@@ -308,6 +311,19 @@ def pool_summary(cfg, work: Path, tok) -> dict:
                         "gather": g["stats"].get("cpu_seconds") if g else None,
                         "index": ix["stats"].get("cpu_seconds") if ix else None},
     }
+
+
+def embed_record(cfg, embed: list[dict]) -> dict:
+    """The manifest's embed record: the embedder as it ran (true dimension, device, precision, batching, max
+    tokens) and the totals of its units (duplicates, truncation, padding)."""
+    from .embedding import merge_embed_stats
+
+    rec = {"embedder": cfg.embedder, "dtype": cfg.embedding_dtype, "dim": embed[0].get("dim") if embed else None}
+    described = next((st["embedder"] for st in embed if isinstance(st.get("embedder"), dict)), None)
+    if described:
+        rec.update({k: v for k, v in described.items() if k != "name"})
+    rec.update(merge_embed_stats(embed))
+    return rec
 
 
 def run_pool_stages(cfg, work: Path, tok, progress) -> tuple[dict, dict]:
