@@ -189,3 +189,32 @@ def test_bf16_stays_close_to_fp32_on_a_real_model():
     np.fill_diagonal(sa, -1)
     np.fill_diagonal(sb, -1)
     assert (sa.argmax(1) == sb.argmax(1)).all()
+
+
+def test_manifest_records_how_the_embedder_ran(tmp_path, tiny_st, docs_corpus, small_tokenizer_json):
+    """A real pipeline run with a sentence-transformers embedder: the manifest's embed record holds the true
+    dimension, device, precision, token budget, max tokens, truncation and duplicates."""
+    import json
+
+    from nextlong.chunking import chunk_spans
+    from nextlong.config import SynthesisConfig
+    from nextlong.pipeline import run
+
+    docs = [json.loads(line) for line in docs_corpus.read_text(encoding="utf-8").splitlines()][:30]
+    docs.append({"id": "copy-of-first", "text": docs[0]["text"]})  # its chunks are exact duplicates
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    cfg = SynthesisConfig(inputs=[str(corpus)], output_prefix=str(tmp_path / "out" / "x"),
+                          tokenizer=str(small_tokenizer_json), target_length=1024, granularity=256, max_samples=2,
+                          index_factory="Flat", verify=False, embedder=str(tiny_st), embed_batch_tokens=512)
+    manifest = run(cfg, progress=False)
+    rec = manifest["stages"]["embed"]
+    assert rec["dim"] == 32 and rec["device"] == "cpu" and rec["precision"] in ("bf16", "fp32")
+    assert rec["batch_tokens"] == 512 and rec["max_seq_length"] == 48 and rec["dtype"] == "float16"
+    assert rec["chunks"] == manifest["stages"]["chunk"]["chunks"]
+    n_dup = len(chunk_spans(docs[0]["text"], 256))
+    assert rec["duplicates"] >= n_dup > 0
+    assert rec["unique"] == rec["chunks"] - rec["duplicates"]
+    assert 0 < rec["truncated"] <= rec["unique"]
+    assert rec["truncated_share"] == round(rec["truncated"] / rec["unique"], 4)
+    assert 0.0 <= rec["padding_waste"] < 1.0
