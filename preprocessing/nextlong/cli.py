@@ -95,11 +95,18 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--estimate-samples", type=int, help="samples to synthesize (default: --max-samples, else "
                     "one per meta-document)")
     dr.add_argument("--sample-docs", type=int, default=2000, help="documents read to measure the corpus")
-    dr.add_argument("--gpus", type=int, default=8, help="GPUs for embedding and search")
+    dr.add_argument("--gpus", type=int, default=None,
+                    help="GPUs for embedding and search (default: the GPUs present here; 0: estimate for this CPU)")
     dr.add_argument("--gpu", default="H100", help="GPU type (bf16 dense peak: H100, A100, ...)")
     dr.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilization assumed for embedding")
     dr.add_argument("--embedder-params", type=int, help="parameters of a sentence-transformers embedder "
                     "(e.g. 572000000 for jina-embeddings-v3)")
+    dr.add_argument("--embedder-layers", type=int, help="transformer layers of the embedder (attention FLOPs; "
+                    "default: read from its directory)")
+    dr.add_argument("--embedder-hidden", type=int, help="hidden size of the embedder (attention FLOPs)")
+    dr.add_argument("--embedder-dim", type=int, help="output dimension of the embedder (storage, index)")
+    dr.add_argument("--embedder-max-tokens", type=int, help="tokens the embedder keeps per chunk (its "
+                    "max_seq_length; default: read from its directory)")
     sl = p.add_argument_group("slurm (with --executor slurm)")
     sl.add_argument("--partition", help="partition of every job")
     sl.add_argument("--gpu-partition", help="partition of the embed array (default: --partition)")
@@ -122,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
 RUN_ONLY = ("demo", "verbose", "progress", "stage", "task_index", "executor", "partition", "gpu_partition",
             "slurm_gpus", "slurm_cpus", "slurm_mem", "slurm_time", "slurm_account", "slurm_extra", "dry_run",
             "estimate_documents", "estimate_chunks", "estimate_samples", "sample_docs", "gpus", "gpu", "mfu",
-            "embedder_params")
+            "embedder_params", "embedder_layers", "embedder_hidden", "embedder_dim", "embedder_max_tokens")
 
 
 def strip_flags(parser: argparse.ArgumentParser, argv: list[str], dests: tuple[str, ...]) -> list[str]:
@@ -180,7 +187,9 @@ def main(argv: list[str] | None = None) -> int:
 
             est = estimate(cfg, documents=args.estimate_documents, chunks=args.estimate_chunks,
                            samples=args.estimate_samples, sample_docs=args.sample_docs, gpus=args.gpus, gpu=args.gpu,
-                           mfu=args.mfu, embedder_params=args.embedder_params)
+                           mfu=args.mfu, embedder_params=args.embedder_params,
+                           **{k: getattr(args, k) for k in ("embedder_layers", "embedder_hidden", "embedder_dim",
+                                                            "embedder_max_tokens") if getattr(args, k) is not None})
             print(format_estimate(est))
             return 0
         if args.executor == "slurm":
