@@ -138,8 +138,12 @@ def run_device(args, chunks: list[str], device: str) -> dict:
                 _, st = ours.encode(block, out=b[s:e])
                 stats.append(st)
             secs[side] += time.perf_counter() - t0
-        log.info("%s block %d/%d (%d chunks): plain %.1f s, stage %.1f s so far", device, k + 1, args.blocks,
-                 e - s, secs["a"], secs["b"])
+        done = b[:e].astype(np.float32)
+        q = np.random.default_rng(0).choice(e, size=min(args.queries, e), replace=False)
+        log.info("%s after block %d/%d (%d chunks): plain %.1f s, stage %.1f s, speed-up %.2fx, cosine %.4f, "
+                 "top-10 overlap %.3f (%d queries)", device, k + 1, args.blocks, e, secs["a"], secs["b"],
+                 secs["a"] / secs["b"], float(np.mean(np.sum(a[:e] * done, axis=1))),
+                 top_k_overlap(a[:e], done, np.sort(q), 10), len(q))
     from nextlong.embedding import merge_embed_stats
 
     b32 = b.astype(np.float32)

@@ -97,7 +97,10 @@ def _embedder():
         _STATE["emb"] = make_embedder(cfg.embedder, cfg.seed, cfg.embedding_dim, cfg.embed_batch_size,
                                       device=_device_for_slot(_STATE.get("slot", 0)),
                                       trust_remote_code=cfg.trust_remote_code, precision=cfg.embed_precision,
-                                      batch_tokens=cfg.embed_batch_tokens, threads=cfg.embed_threads)
+                                      batch_tokens=cfg.embed_batch_tokens,
+                                      # tasks share the cores instead of each spawning one thread per core
+                                      threads=cfg.embed_threads or (max(1, (os.cpu_count() or 1) // cfg.tasks)
+                                                                    if cfg.tasks > 1 else 0))
     return _STATE["emb"]
 
 
