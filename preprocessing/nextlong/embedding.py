@@ -303,13 +303,14 @@ class SentenceTransformerEmbedder(Embedder):
         bounds = np.searchsorted(inverse[by_unique], np.arange(0, len(uniq) + window, window))
         stats = {"chunks": n, "unique": len(uniq), "duplicates": n - len(uniq), "truncated": 0, "tokens": 0,
                  "padded_tokens": 0, "batches": 0}
-        chars = 0
+        chars = full_tokens = 0
         with ThreadPoolExecutor(max_workers=1) as pool:
             for w, w0 in enumerate(range(0, len(uniq), window)):
                 wt = uniq[w0 : w0 + window]
                 lengths = self._token_lengths(wt)
                 chars += sum(len(t) for t in wt)
                 stats["truncated"] += int((lengths > self.max_seq_length).sum())
+                full_tokens += int(lengths.sum())
                 used = np.minimum(lengths, self.max_seq_length)
                 stats["tokens"] += int(used.sum())
                 batches = token_budget_batches(used, self.batch_tokens, self.batch_size)
@@ -334,7 +335,7 @@ class SentenceTransformerEmbedder(Embedder):
         stats["truncated_share"] = round(stats["truncated"] / max(1, len(uniq)), 4)
         stats["padding_waste"] = round(1.0 - stats["tokens"] / stats["padded_tokens"], 4) if stats["padded_tokens"] \
             else 0.0
-        stats["chars_per_token"] = round(chars / max(1, stats["tokens"]), 3)
+        stats["chars_per_token"] = round(chars / max(1, full_tokens), 3)  # before truncation
         stats["seconds"] = round(seconds, 3)
         stats["chunks_per_second"] = round(n / seconds, 2) if seconds > 0 else None
         self.last_stats = stats
