@@ -16,6 +16,7 @@ All embedders return float32 rows of unit norm, so inner product = cosine simila
 from __future__ import annotations
 
 import logging
+import os
 import re
 import zlib
 from collections.abc import Sequence
@@ -304,6 +305,10 @@ class SentenceTransformerEmbedder(Embedder):
         stats = {"chunks": n, "unique": len(uniq), "duplicates": n - len(uniq), "truncated": 0, "tokens": 0,
                  "padded_tokens": 0, "batches": 0}
         chars = full_tokens = 0
+        # overlap tokenization with compute when they do not fight over the same cores: on a GPU, or when torch
+        # leaves CPU cores free; else a tokenizer thread would stall torch's threads at every barrier
+        overlap = not self.device.startswith("cpu") or (os.cpu_count() or 1) > self.threads
+        stats["tokenize_overlapped"] = bool(overlap)
         with ThreadPoolExecutor(max_workers=1) as pool:
             for w, w0 in enumerate(range(0, len(uniq), window)):
                 wt = uniq[w0 : w0 + window]
@@ -315,10 +320,10 @@ class SentenceTransformerEmbedder(Embedder):
                 stats["tokens"] += int(used.sum())
                 batches = token_budget_batches(used, self.batch_tokens, self.batch_size)
                 buf = np.zeros((len(wt), self.dim), dtype=np.float32)
-                pending = pool.submit(self._preprocess, [wt[i] for i in batches[0]]) if batches else None
+                pending = pool.submit(self._preprocess, [wt[i] for i in batches[0]]) if overlap and batches else None
                 for b, rows in enumerate(batches):
-                    features = pending.result()
-                    if b + 1 < len(batches):  # tokenize the next batch while this one runs
+                    features = pending.result() if overlap else self._preprocess([wt[i] for i in rows])
+                    if overlap and b + 1 < len(batches):  # tokenize the next batch while this one runs
                         pending = pool.submit(self._preprocess, [wt[i] for i in batches[b + 1]])
                     mask = features.get("attention_mask")
                     if mask is not None:
