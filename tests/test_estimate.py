@@ -187,8 +187,68 @@ def test_local_model_shape_read_from_directory(tmp_path, docs_corpus, small_toke
     cfg = SynthesisConfig(inputs=[str(docs_corpus)], output_prefix=str(tmp_path / "o"), embedder=str(model),
                           tokenizer=str(small_tokenizer_json), target_length=2048, index_factory="Flat")
     est = estimate(cfg, sample_docs=50, chunks=10_000, gpus=1, gpu="A100", mfu=0.5, measure_throughput=False)
-    t = min(est["measured"]["tokens_per_chunk"]["value"], 514)
-    assert est["embedding"]["flops_per_chunk"]["value"] == pytest.approx(2 * 68096 * t + 4 * 2 * t**2 * 64)
+    e = est["embedding"]
+    assert e["tokens_per_chunk"]["value"] <= min(est["measured"]["tokens_per_chunk"]["value"], 514)
+    waste = e["padding_waste"]["value"]  # measured: the sample's chunks packed into --embed-batch-tokens batches
+    assert 0.0 <= waste < 0.5 and e["padding_waste"]["note"] == "measured on the sample"
+    t = e["tokens_per_chunk"]["value"] / (1 - waste)
+    assert e["flops_per_chunk"]["value"] == pytest.approx(2 * 68096 * t + 4 * 2 * t**2 * 64)
     assert est["embedding"]["storage"]["value"] == 10_000 * 64 * 2
     assert est["embedding"]["gpu_hours"]["value"] == pytest.approx(
         est["embedding"]["total_flops"]["value"] / (312e12 * 0.5) / 3600)
+
+
+def test_neural_embedder_padding_precision_and_gpu_count():
+    """Padded tokens are paid for; fp32 uses the fp32 peak; --gpus 0 estimates for the CPU without dividing
+    by zero, from a measured CPU rate when there is one."""
+    sample = dict(SAMPLE, embed_tokens_per_chunk=100.0, embed_padding_waste=0.2, embed_truncated_share=0.0)
+    cfg = _cfg(embedder="/models/some-embedder", index_factory="Flat")
+    kw = dict(chunks=4000, samples=10, gpu="H100", mfu=0.5, embedder_params=500_000_000, embedder_dim=1024)
+    est = estimate_from_sample(cfg, sample, gpus=8, **kw)
+    emb = est["embedding"]
+    assert emb["flops_per_chunk"]["value"] == pytest.approx(2 * 500e6 * 100 / 0.8)
+    assert emb["gpu_hours"]["value"] == pytest.approx(4000 * 2 * 500e6 * 125 / (989e12 * 0.5) / 3600)
+    assert emb["batches"]["value"] == pytest.approx(4000 * 125 / 16384)
+    assert "bf16" in emb["embedder"] and "8 x H100" in emb["embedder"]
+    fp32 = estimate_from_sample(_cfg(embedder="/m", index_factory="Flat", embed_precision="fp32"), sample, gpus=8,
+                                **kw)
+    assert fp32["embedding"]["gpu_hours"]["value"] == pytest.approx(emb["gpu_hours"]["value"] * 989 / 67)
+    cpu = estimate_from_sample(cfg, sample, gpus=0, cpu_gflops=100.0, **kw)
+    assert "gpu_hours" not in cpu["embedding"] and cpu["search"]["device"] == "cpu"
+    assert cpu["embedding"]["cpu_hours"]["value"] == pytest.approx(4000 * 2 * 500e6 * 125 / 50e9 / 3600)
+    measured = dict(sample, embedder_cpu_chunks_per_second=8.0, embedder_cpu_chunks=64,
+                    embedder_cpu_precision="bf16", embedder_cpu_threads=2)
+    cpu2 = estimate_from_sample(cfg, measured, gpus=0, **kw)
+    assert cpu2["embedding"]["cpu_hours"]["value"] == pytest.approx(4000 / 8.0 / 3600)
+    assert "CPU, bf16" in cpu2["embedding"]["embedder"]
+    format_estimate(cpu2)
+    from nextlong.config import ConfigError
+
+    with pytest.raises(ConfigError, match="--gpus"):
+        estimate_from_sample(cfg, sample, gpus=-1, **kw)
+
+
+def test_real_max_length_and_dimension_of_a_sentence_transformers_directory(tmp_path):
+    """sentence-transformers truncates at sentence_bert_config.json's max_seq_length (e.g. 256 for
+    all-MiniLM-L6-v2), not at config.json's max_position_embeddings (512); the output dimension is the pooling's."""
+    from nextlong.estimate import describe_local_model
+
+    (tmp_path / "config.json").write_text(json.dumps({"hidden_size": 384, "num_hidden_layers": 6,
+                                                      "max_position_embeddings": 512}))
+    (tmp_path / "sentence_bert_config.json").write_text(json.dumps({"max_seq_length": 256}))
+    (tmp_path / "1_Pooling").mkdir()
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 384}))
+    found = describe_local_model(str(tmp_path))
+    assert found["embedder_max_tokens"] == 256 and found["embedder_dim"] == 384
+
+
+def test_dry_run_cli_takes_gpus_zero(tmp_path, docs_corpus, small_tokenizer_json, capsys):
+    from nextlong.cli import main
+
+    base = ["--input", str(docs_corpus), "--output-prefix", str(tmp_path / "o"), "--tokenizer",
+            str(small_tokenizer_json), "--dry-run", "--sample-docs", "30", "--estimate-chunks", "1000"]
+    assert main(base + ["--gpus", "0"]) == 0
+    out = capsys.readouterr().out
+    assert "search on cpu" in out and "ZeroDivision" not in out
+    assert main(base + ["--gpus", "-1"]) == 2
+    assert not (tmp_path / "o.work").exists()

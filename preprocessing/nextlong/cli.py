@@ -90,7 +90,14 @@ def build_parser() -> argparse.ArgumentParser:
                     help="on-disk dtype of chunk embeddings")
     em.add_argument("--trust-remote-code", action="store_true",
                     help="allow the embedder's model directory to run its own code (jina-embeddings-v3 needs it)")
-    em.add_argument("--embed-batch-size", type=int, default=64, help="texts per sentence-transformers batch")
+    em.add_argument("--embed-batch-size", type=int, default=1024,
+                    help="at most this many texts per sentence-transformers batch")
+    em.add_argument("--embed-batch-tokens", type=int, default=16384,
+                    help="padded tokens per sentence-transformers batch (texts sorted by token count)")
+    em.add_argument("--embed-precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
+                    help="embedder compute precision; auto: bf16 on CUDA and bf16-capable CPUs, else fp32")
+    em.add_argument("--embed-threads", type=int, default=0,
+                    help="torch CPU threads per embed task (0: one per core)")
     em.add_argument("--index-factory", default="Flat", help="FAISS factory string (inner product)")
     em.add_argument("--index-train-size", type=int, default=262144, help="vectors sampled to train IVF/PQ")
     em.add_argument("--nprobe", type=int, default=64, help="IVF lists searched per query")
@@ -116,11 +123,18 @@ def build_parser() -> argparse.ArgumentParser:
     dr.add_argument("--estimate-samples", type=int, help="samples to synthesize (default: --max-samples, else "
                     "one per meta-document)")
     dr.add_argument("--sample-docs", type=int, default=2000, help="documents read to measure the corpus")
-    dr.add_argument("--gpus", type=int, default=8, help="GPUs for embedding and search")
+    dr.add_argument("--gpus", type=int, default=None,
+                    help="GPUs for embedding and search (default: the GPUs present here; 0: estimate for this CPU)")
     dr.add_argument("--gpu", default="H100", help="GPU type (bf16 dense peak: H100, A100, ...)")
     dr.add_argument("--mfu", type=float, default=0.4, help="model FLOP utilization assumed for embedding")
     dr.add_argument("--embedder-params", type=int, help="parameters of a sentence-transformers embedder "
                     "(e.g. 572000000 for jina-embeddings-v3)")
+    dr.add_argument("--embedder-layers", type=int, help="transformer layers of the embedder (attention FLOPs; "
+                    "default: read from its directory)")
+    dr.add_argument("--embedder-hidden", type=int, help="hidden size of the embedder (attention FLOPs)")
+    dr.add_argument("--embedder-dim", type=int, help="output dimension of the embedder (storage, index)")
+    dr.add_argument("--embedder-max-tokens", type=int, help="tokens the embedder keeps per chunk (its "
+                    "max_seq_length; default: read from its directory)")
     sl = p.add_argument_group("slurm (with --executor slurm)")
     sl.add_argument("--partition", help="partition of every job")
     sl.add_argument("--gpu-partition", help="partition of the embed array (default: --partition)")
@@ -148,7 +162,7 @@ RUN_ONLY = ("demo", "verbose", "debug", "progress", "stage", "task_index", "stat
             "gpu_partition",
             "slurm_gpus", "slurm_cpus", "slurm_mem", "slurm_time", "slurm_account", "slurm_extra", "dry_run",
             "estimate_documents", "estimate_chunks", "estimate_samples", "sample_docs", "gpus", "gpu", "mfu",
-            "embedder_params")
+            "embedder_params", "embedder_layers", "embedder_hidden", "embedder_dim", "embedder_max_tokens")
 
 
 def strip_flags(parser: argparse.ArgumentParser, argv: list[str], dests: tuple[str, ...]) -> list[str]:
@@ -253,7 +267,9 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
 
         est = estimate(cfg, documents=args.estimate_documents, chunks=args.estimate_chunks,
                        samples=args.estimate_samples, sample_docs=args.sample_docs, gpus=args.gpus, gpu=args.gpu,
-                       mfu=args.mfu, embedder_params=args.embedder_params)
+                       mfu=args.mfu, embedder_params=args.embedder_params,
+                       **{k: getattr(args, k) for k in ("embedder_layers", "embedder_hidden", "embedder_dim",
+                                                        "embedder_max_tokens") if getattr(args, k) is not None})
         print(format_estimate(est))
         return 0
     if args.stage in ("all", "chunk") and args.task_index is None:

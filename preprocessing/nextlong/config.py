@@ -59,8 +59,17 @@ class SynthesisConfig:
     trust_remote_code: bool = False
     """``--trust-remote-code``: let a sentence-transformers model directory run its own code (needed by
     jina-embeddings-v3); off by default."""
-    embed_batch_size: int = 64
-    """``--embed-batch-size``: texts per forward pass of a sentence-transformers model."""
+    embed_batch_size: int = 1024
+    """``--embed-batch-size``: at most this many texts per forward pass of a sentence-transformers model
+    (the token budget ``--embed-batch-tokens`` usually binds first)."""
+    embed_batch_tokens: int = 16384
+    """``--embed-batch-tokens``: padded tokens per forward pass (rows x longest row) of a sentence-transformers
+    model; texts are sorted by token count and packed up to this budget."""
+    embed_precision: str = "auto"
+    """``--embed-precision``: compute precision of a sentence-transformers model: ``auto`` (bf16 on CUDA and
+    on CPUs with native bf16, else fp32), ``bf16``, ``fp16`` (CUDA only) or ``fp32``."""
+    embed_threads: int = 0
+    """``--embed-threads``: torch CPU threads per embed task (0: torch's default, one per core)."""
     index_factory: str = "Flat"
     """``--index-factory``: FAISS factory string, inner-product metric (``Flat`` exact; ``IVFn,Flat``...)."""
     index_train_size: int = 262144
@@ -134,6 +143,11 @@ class SynthesisConfig:
         need(self.embedding_dtype in ("float16", "float32"), "--embedding-dtype", "float16 or float32")
         need(self.duplicates in ("drop", "keep"), "--duplicates", f"drop or keep, got {self.duplicates!r}")
         need(self.control_chars in ("strip", "keep"), "--control-chars", f"strip or keep, got {self.control_chars!r}")
+        need(self.embed_batch_size >= 1, "--embed-batch-size", "must be >= 1")
+        need(self.embed_batch_tokens >= 1, "--embed-batch-tokens", "must be >= 1")
+        need(self.embed_precision in ("auto", "bf16", "fp16", "fp32"), "--embed-precision",
+             "choose from auto, bf16, fp16, fp32")
+        need(self.embed_threads >= 0, "--embed-threads", "must be >= 0")
         if self.mix is not None:
             need(len(self.mix) == len(self.inputs), "--mix", f"give one weight per --input ({len(self.inputs)})")
             need(all(w > 0 for w in self.mix), "--mix", "weights must be > 0")

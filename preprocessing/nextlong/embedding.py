@@ -4,8 +4,10 @@
   over the pool), projected to ``dim`` dimensions by a fixed sparse random sign matrix drawn from the
   seed, then L2-normalized. Deterministic: the same texts and seed give the same bytes on any machine.
 * anything else: a sentence-transformers model by local path (or a name already in the local cache;
-  nothing is downloaded: ``HF_HUB_OFFLINE`` is honoured and ``local_files_only`` is set). Batched,
-  length-sorted, bf16 on GPU when one is present, L2-normalized. The paper's README names
+  nothing is downloaded: ``HF_HUB_OFFLINE`` is honoured and ``local_files_only`` is set), run by
+  :meth:`SentenceTransformerEmbedder.encode`: exact duplicates embedded once, texts packed into token-budget
+  batches by token count, bf16 where the device has it natively, tokenization of the next batch overlapped
+  with the current one, truncation at the model's ``max_seq_length`` counted. The paper's README names
   jina-embeddings-v3.
 
 All embedders return float32 rows of unit norm, so inner product = cosine similarity.
@@ -14,6 +16,7 @@ All embedders return float32 rows of unit norm, so inner product = cosine simila
 from __future__ import annotations
 
 import logging
+import os
 import re
 import zlib
 from collections.abc import Sequence
@@ -145,11 +148,64 @@ class HashingEmbedder(Embedder):
         return dense
 
 
-class SentenceTransformerEmbedder(Embedder):
-    """A sentence-transformers model; bf16 on CUDA, fp32 on CPU; never downloads."""
+PRECISIONS = ("auto", "bf16", "fp16", "fp32")
 
-    def __init__(self, model: str, batch_size: int = 64, device: str | None = None, max_seq_length: int | None = None,
-                 trust_remote_code: bool = False):
+
+def bf16_supported(device: str) -> bool:
+    """Whether ``device`` runs bf16 matrix products natively (CUDA with bf16, or a CPU with AVX-512 BF16/AMX)."""
+    import torch
+
+    if device.startswith("cuda"):
+        return bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def resolve_precision(precision: str, device: str) -> str:
+    """``auto`` -> ``bf16`` where the device supports it natively, else ``fp32``; explicit choices are checked."""
+    if precision not in PRECISIONS:
+        raise ValueError(f"--embed-precision: choose from {PRECISIONS}, got {precision!r}")
+    if precision == "auto":
+        return "bf16" if bf16_supported(device) else "fp32"
+    if precision == "fp16" and not device.startswith("cuda"):
+        raise ValueError("--embed-precision fp16: only on CUDA (use bf16 or fp32 on CPU)")
+    return precision
+
+
+def token_budget_batches(lengths: np.ndarray, batch_tokens: int, max_batch_size: int) -> list[np.ndarray]:
+    """Batches of row indices over ``lengths`` sorted longest first (ties by index), each holding as many rows
+    as fit ``rows * longest <= batch_tokens`` (at least one row, at most ``max_batch_size``). Every index
+    appears in exactly one batch; the order is a pure function of the lengths."""
+    lengths = np.asarray(lengths, dtype=np.int64)
+    order = np.lexsort((np.arange(len(lengths)), -lengths))
+    batches: list[np.ndarray] = []
+    i, n = 0, len(order)
+    while i < n:
+        longest = max(1, int(lengths[order[i]]))  # sorted longest first: the first row sets the padded width
+        rows = max(1, min(max_batch_size, batch_tokens // longest, n - i))
+        batches.append(order[i : i + rows])
+        i += rows
+    return batches
+
+
+class SentenceTransformerEmbedder(Embedder):
+    """A sentence-transformers model run by its own modules, never downloaded (see :meth:`encode`).
+
+    * exact-duplicate texts are embedded once;
+    * texts are sorted by token count and packed into batches of at most ``batch_tokens`` padded tokens;
+    * the transformer runs in ``precision`` (``auto``: bf16 on CUDA and on CPUs with native bf16, else fp32)
+      with the model's attention implementation (SDPA, or flash attention where installed); pooling and
+      normalization run in float32;
+    * the next batch is tokenized in a background thread while the current one runs;
+    * texts longer than the model's ``max_seq_length`` (``sentence_bert_config.json``) are truncated,
+      counted and reported.
+    """
+
+    def __init__(self, model: str, batch_size: int = 1024, device: str | None = None,
+                 max_seq_length: int | None = None, trust_remote_code: bool = False, precision: str = "auto",
+                 batch_tokens: int = 16384, threads: int = 0):
         try:
             import torch
             from sentence_transformers import SentenceTransformer
@@ -158,7 +214,16 @@ class SentenceTransformerEmbedder(Embedder):
                 f"--embedder {model}: sentence-transformers embedding needs the 'st' extra "
                 "(pip install torch==2.13.0 && pip install -e '.[st]')"
             ) from e
+        if batch_tokens < 1:
+            raise ValueError(f"--embed-batch-tokens: must be >= 1, got {batch_tokens}")
+        if batch_size < 1:
+            raise ValueError(f"--embed-batch-size: must be >= 1, got {batch_size}")
+        if threads < 0:
+            raise ValueError(f"--embed-threads: must be >= 0, got {threads}")
+        if threads:
+            torch.set_num_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.precision = resolve_precision(precision, self.device)
         try:
             self.model = SentenceTransformer(model, device=self.device, local_files_only=True,
                                              trust_remote_code=trust_remote_code)
@@ -167,30 +232,156 @@ class SentenceTransformerEmbedder(Embedder):
                 f"--embedder {model}: cannot load a sentence-transformers model from this path or the local "
                 f"cache ({e}). Download it once (e.g. huggingface-cli download) and pass its directory."
             ) from e
-        if self.device.startswith("cuda"):
-            self.model = self.model.to(torch.bfloat16)
+        self.model.eval()
         if max_seq_length:
             self.model.max_seq_length = max_seq_length
+        # the transformer (first module) runs in the chosen precision; pooling and the rest stay float32
+        dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
+        self._dtype = dtype
+        self.model[0].to(dtype)
         self.name = model
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
         self.batch_size = batch_size
+        self.batch_tokens = batch_tokens
+        self.max_seq_length = int(self.model.max_seq_length)
+        self.threads = torch.get_num_threads()
+        auto = getattr(self.model[0], "auto_model", None)
+        self.attention = getattr(getattr(auto, "config", None), "_attn_implementation", None) or "unknown"
+        self.last_stats: dict = {}
 
     def describe(self) -> dict:
-        return {"name": self.name, "dim": self.dim, "device": self.device, "batch_size": self.batch_size,
-                "max_seq_length": int(self.model.max_seq_length)}
+        return {"name": self.name, "dim": self.dim, "device": self.device, "precision": self.precision,
+                "batch_tokens": self.batch_tokens, "max_batch_size": self.batch_size,
+                "max_seq_length": self.max_seq_length, "attention": self.attention,
+                "torch_threads": self.threads if self.device == "cpu" else None}
+
+    def _preprocess(self, texts: list[str]) -> dict:
+        fn = getattr(self.model, "preprocess", None) or self.model.tokenize
+        return fn(texts)
+
+    def _token_lengths(self, texts: list[str]) -> np.ndarray:
+        """Token count of every text with the model's special tokens, before truncation."""
+        tok = self.model.tokenizer
+        enc = tok(texts, add_special_tokens=True, truncation=False, return_attention_mask=False,
+                  return_token_type_ids=False, verbose=False)["input_ids"]
+        return np.fromiter((len(e) for e in enc), dtype=np.int64, count=len(texts))
+
+    def _forward(self, features: dict) -> np.ndarray:
+        import torch
+
+        feats = {k: (v.to(self.device) if isinstance(v, torch.Tensor) else v) for k, v in features.items()}
+        with torch.inference_mode():
+            out = self.model[0](feats)
+            for key, v in list(out.items()):
+                if isinstance(v, torch.Tensor) and v.is_floating_point():
+                    out[key] = v.float()
+            for module in list(self.model)[1:]:
+                out = module(out)
+            emb = out["sentence_embedding"].float()
+            emb = torch.nn.functional.normalize(emb, p=2, dim=1)
+        return emb.cpu().numpy()
+
+    def encode(self, texts: Sequence[str], out: np.ndarray | None = None, progress=None,
+               window: int = 65536) -> tuple[np.ndarray, dict]:
+        """Unit rows for ``texts`` written into ``out`` (float32 ``[n, dim]`` when not given; a float16 memmap is
+        fine), and the statistics of the call (also kept in ``last_stats``). ``progress(n)`` is called with
+        the number of chunks finished after every batch. Unique texts are processed ``window`` at a time:
+        each window is tokenized for its lengths, sorted and batched by the token budget."""
+        import time
+        from concurrent.futures import ThreadPoolExecutor
+
+        t0 = time.perf_counter()
+        texts = list(texts)
+        n = len(texts)
+        if out is None:
+            out = np.zeros((n, self.dim), dtype=np.float32)
+        first: dict[str, int] = {}
+        inverse = np.fromiter((first.setdefault(t, len(first)) for t in texts), dtype=np.int64, count=n)
+        uniq = list(first)
+        del first
+        by_unique = np.argsort(inverse, kind="stable")  # input positions grouped by unique text
+        bounds = np.searchsorted(inverse[by_unique], np.arange(0, len(uniq) + window, window))
+        stats = {"chunks": n, "unique": len(uniq), "duplicates": n - len(uniq), "truncated": 0, "tokens": 0,
+                 "padded_tokens": 0, "batches": 0}
+        chars = full_tokens = 0
+        # overlap tokenization with compute when they do not fight over the same cores: on a GPU, or when torch
+        # leaves CPU cores free; else a tokenizer thread would stall torch's threads at every barrier
+        overlap = not self.device.startswith("cpu") or (os.cpu_count() or 1) > self.threads
+        stats["tokenize_overlapped"] = bool(overlap)
+        with ThreadPoolExecutor(max_workers=1) as pool:
+            for w, w0 in enumerate(range(0, len(uniq), window)):
+                wt = uniq[w0 : w0 + window]
+                lengths = self._token_lengths(wt)
+                chars += sum(len(t) for t in wt)
+                stats["truncated"] += int((lengths > self.max_seq_length).sum())
+                full_tokens += int(lengths.sum())
+                used = np.minimum(lengths, self.max_seq_length)
+                stats["tokens"] += int(used.sum())
+                batches = token_budget_batches(used, self.batch_tokens, self.batch_size)
+                buf = np.zeros((len(wt), self.dim), dtype=np.float32)
+                pending = pool.submit(self._preprocess, [wt[i] for i in batches[0]]) if overlap and batches else None
+                for b, rows in enumerate(batches):
+                    features = pending.result() if overlap else self._preprocess([wt[i] for i in rows])
+                    if overlap and b + 1 < len(batches):  # tokenize the next batch while this one runs
+                        pending = pool.submit(self._preprocess, [wt[i] for i in batches[b + 1]])
+                    mask = features.get("attention_mask")
+                    if mask is not None:
+                        stats["padded_tokens"] += int(mask.numel())
+                    buf[rows] = self._forward(features)
+                    stats["batches"] += 1
+                    if progress is not None:
+                        progress(len(rows))
+                pos = by_unique[bounds[w] : bounds[w + 1]]
+                out[pos] = buf[inverse[pos] - w0]
+                if progress is not None and len(pos) > len(wt):
+                    progress(len(pos) - len(wt))  # duplicates of this window's texts
+        seconds = time.perf_counter() - t0
+        stats["truncated_share"] = round(stats["truncated"] / max(1, len(uniq)), 4)
+        stats["padding_waste"] = round(1.0 - stats["tokens"] / stats["padded_tokens"], 4) if stats["padded_tokens"] \
+            else 0.0
+        stats["chars_per_token"] = round(chars / max(1, full_tokens), 3)  # before truncation
+        stats["seconds"] = round(seconds, 3)
+        stats["chunks_per_second"] = round(n / seconds, 2) if seconds > 0 else None
+        self.last_stats = stats
+        log_truncation(stats, self.max_seq_length)
+        return out, stats
 
     def embed(self, texts: Sequence[str]) -> np.ndarray:
-        # length-sorted batches waste no padding; encode() restores the input order
-        out = self.model.encode(list(texts), batch_size=self.batch_size, normalize_embeddings=True,
-                                convert_to_numpy=True, show_progress_bar=False)
-        return np.asarray(out, dtype=np.float32)
+        return self.encode(texts)[0]
 
 
-def make_embedder(spec: str, seed: int, dim: int = 256, batch_size: int = 64, device: str | None = None,
-                  trust_remote_code: bool = False) -> Embedder:
+def suggested_granularity(max_seq_length: int, chars_per_token: float) -> int:
+    """A ``--granularity`` whose chunks fit ``max_seq_length`` tokens at the measured chars per token (90%)."""
+    return max(16, int(0.9 * max_seq_length * chars_per_token) // 16 * 16)
+
+
+def log_truncation(stats: dict, max_seq_length: int) -> None:
+    """Warn when the embedder cuts a noticeable share of chunks (their tail is not embedded)."""
+    if stats.get("truncated", 0) and stats["truncated_share"] >= 0.01:
+        log.warning("embedder: %.1f%% of chunks (%d) exceed its max_seq_length of %d tokens and are embedded from "
+                    "their first %d tokens only; a smaller --granularity (about %d chars) keeps chunks within it",
+                    100 * stats["truncated_share"], stats["truncated"], max_seq_length, max_seq_length,
+                    suggested_granularity(max_seq_length, stats.get("chars_per_token") or 4.0))
+
+
+def merge_embed_stats(stats: Sequence[dict]) -> dict:
+    """Totals over the embed units' statistics (counts summed, shares recomputed)."""
+    keys = ("chunks", "unique", "duplicates", "truncated", "tokens", "padded_tokens", "batches")
+    total = {k: sum(int(s.get(k, 0)) for s in stats) for k in keys if any(k in s for s in stats)}
+    if "truncated" in total:
+        total["truncated_share"] = round(total["truncated"] / max(1, total.get("unique", total["chunks"])), 4)
+    if total.get("padded_tokens"):
+        total["padding_waste"] = round(1.0 - total["tokens"] / total["padded_tokens"], 4)
+    return total
+
+
+def make_embedder(spec: str, seed: int, dim: int = 256, batch_size: int = 1024, device: str | None = None,
+                  trust_remote_code: bool = False, precision: str = "auto", batch_tokens: int = 16384,
+                  threads: int = 0) -> Embedder:
     """``hashing`` or a sentence-transformers model path/name (on ``device``, default: CUDA if present).
     ``trust_remote_code`` runs the model directory's own code (jina-embeddings-v3 needs it)."""
     if spec == "hashing":
         return HashingEmbedder(dim=dim, seed=seed)
-    return SentenceTransformerEmbedder(spec, batch_size=batch_size, device=device, trust_remote_code=trust_remote_code)
+    return SentenceTransformerEmbedder(spec, batch_size=batch_size, device=device, trust_remote_code=trust_remote_code,
+                                       precision=precision, batch_tokens=batch_tokens, threads=threads)

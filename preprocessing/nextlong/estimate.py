@@ -74,9 +74,15 @@ def count_input_records(cfg) -> int:
     return total
 
 
-def measure_sample(cfg, sample_docs: int = 2000, measure_throughput: bool = True) -> dict:
+def measure_sample(cfg, sample_docs: int = 2000, measure_throughput: bool = True, max_tokens: int | None = None,
+                   embed_on_cpu: bool = False, embed_sample_chunks: int = 64) -> dict:
     """Read up to ``sample_docs`` documents (split evenly over the inputs, first documents of each), chunk
-    and tokenize them as the pipeline does, and return the raw counts (see :func:`estimate_from_sample`)."""
+    and tokenize them as the pipeline does, and return the raw counts (see :func:`estimate_from_sample`).
+
+    For a sentence-transformers embedder, the chunks' token counts (capped at ``max_tokens``, the embedder's
+    ``max_seq_length``) are packed into the embed stage's token-budget batches (``--embed-batch-tokens``) to
+    measure its padding waste and truncated share. With ``embed_on_cpu`` (no GPU) the real embedder runs
+    on ``embed_sample_chunks`` sample chunks here, to measure its CPU throughput."""
     from .chunking import chunk_spans
     from .readers import Rejects, iter_documents, parse_input_specs
     from .tokenization import load_tokenizer
@@ -116,6 +122,17 @@ def measure_sample(cfg, sample_docs: int = 2000, measure_throughput: bool = True
         "rejected": int(sum(rejects.counts.values())),
         "read_chunk_tokenize_seconds": round(chunk_tok_s, 4),
     }
+    if cfg.embedder != "hashing":
+        from .embedding import token_budget_batches
+
+        capped = np.minimum(lengths, max_tokens) if max_tokens else lengths
+        padded = sum(len(b) * int(capped[b].max()) for b in token_budget_batches(capped, cfg.embed_batch_tokens,
+                                                                                 cfg.embed_batch_size))
+        sample["embed_tokens_per_chunk"] = float(capped.mean())
+        sample["embed_padding_waste"] = 1.0 - float(capped.sum()) / max(1, padded)
+        sample["embed_truncated_share"] = float((lengths > max_tokens).mean()) if max_tokens else 0.0
+    if measure_throughput and embed_on_cpu and cfg.embedder != "hashing":
+        sample.update(_measure_embedder_cpu(cfg, texts, embed_sample_chunks))
     if measure_throughput:
         sample["chunk_tokenize_chars_per_second"] = sample["chunk_chars"] / max(chunk_tok_s, 1e-9)
         if cfg.embedder == "hashing":
@@ -128,6 +145,34 @@ def measure_sample(cfg, sample_docs: int = 2000, measure_throughput: bool = True
                 emb.embed(texts[i : i + 4096])
             sample["hashing_chunks_per_second"] = len(texts) / max(time.perf_counter() - t0, 1e-9)
     return sample
+
+
+def _measure_embedder_cpu(cfg, texts: list[str], n: int) -> dict:
+    """Chunks/s of the embed stage's own encoder on ``n`` chunks spread over the sample, on this CPU."""
+    from .embedding import make_embedder
+
+    try:
+        emb = make_embedder(cfg.embedder, cfg.seed, cfg.embedding_dim, cfg.embed_batch_size, device="cpu",
+                            trust_remote_code=cfg.trust_remote_code, precision=cfg.embed_precision,
+                            batch_tokens=cfg.embed_batch_tokens, threads=cfg.embed_threads)
+    except (ImportError, ValueError) as e:
+        log.warning("estimate: the embedder is not measured on this CPU (%s)", e)
+        return {}
+    pick = [texts[i] for i in np.linspace(0, len(texts) - 1, min(n, len(texts))).astype(int)]
+    _, st = emb.encode(pick)
+    d = emb.describe()
+    return {"embedder_cpu_chunks_per_second": st["chunks_per_second"], "embedder_cpu_chunks": len(pick),
+            "embedder_cpu_precision": d["precision"], "embedder_cpu_threads": d["torch_threads"],
+            "embedder_dim_measured": d["dim"], "embedder_max_tokens_measured": d["max_seq_length"]}
+
+
+def detect_gpus() -> int:
+    """CUDA devices visible to torch here (0 without torch or without a GPU)."""
+    try:
+        import torch
+    except ImportError:
+        return 0
+    return torch.cuda.device_count() if torch.cuda.is_available() else 0
 
 
 def measure_cpu_gflops(size: int = 1024, repeats: int = 3) -> float:
@@ -169,6 +214,21 @@ def describe_local_model(path: str) -> dict:
             out["embedder_dim"] = c["hidden_size"]
             if isinstance(c.get("vocab_size"), int):
                 out["embedder_embedding_params"] = c["vocab_size"] * c["hidden_size"]
+    st_cfg = d / "sentence_bert_config.json"  # sentence-transformers truncates here, not at config.json's limit
+    if st_cfg.exists():
+        try:
+            msl = json.loads(st_cfg.read_text(encoding="utf-8")).get("max_seq_length")
+        except (OSError, json.JSONDecodeError):
+            msl = None
+        if isinstance(msl, int):
+            out["embedder_max_tokens"] = msl
+    for pooling in sorted(d.glob("*_Pooling/config.json")):
+        try:
+            dim = json.loads(pooling.read_text(encoding="utf-8")).get("word_embedding_dimension")
+        except (OSError, json.JSONDecodeError):
+            dim = None
+        if isinstance(dim, int):
+            out["embedder_dim"] = dim
     params = 0
     for f in sorted(d.rglob("*.safetensors")):
         try:
@@ -293,14 +353,21 @@ def index_memory(factory: str, n: int, d: int) -> dict:
 
 
 def estimate_from_sample(cfg, sample: dict, *, documents: int | None = None, chunks: int | None = None,
-                         samples: int | None = None, input_records: int | None = None, gpus: int = 8,
+                         samples: int | None = None, input_records: int | None = None, gpus: int | None = None,
                          gpu: str = "H100", mfu: float = 0.4, gpu_tflops: float | None = None,
                          embedder_params: int | None = None, embedder_embedding_params: int | None = None,
                          embedder_dim: int | None = None, embedder_max_tokens: int | None = None,
                          embedder_layers: int | None = None, embedder_hidden: int | None = None,
                          search_on: str | None = None, search_efficiency: float = 0.5,
                          cpu_gflops: float | None = None, synth_tokens_per_second: float | None = None) -> dict:
-    """The cost model proper: pure arithmetic on the measured ``sample`` (see :func:`estimate`)."""
+    """The cost model proper: pure arithmetic on the measured ``sample`` (see :func:`estimate`).
+    ``gpus`` None means the GPUs present here (:func:`detect_gpus`); 0 estimates for the CPU."""
+    if gpus is None:
+        gpus = detect_gpus()
+    if gpus < 0:
+        from .config import ConfigError
+
+        raise ConfigError(f"--gpus: must be >= 0, got {gpus}")
     assumptions: list[str] = []
     warnings: list[str] = []
     sd, sc = sample["documents"], sample["chunks"]
@@ -397,51 +464,92 @@ def estimate_from_sample(cfg, sample: dict, *, documents: int | None = None, chu
                                     f"measured here: {r:,.0f} chunks/s in one process; wall with --tasks "
                                     f"{cfg.tasks}: {h / cfg.tasks:,.2f} h")
     else:
-        dim = embedder_dim
-        emb["embedder"] = f"{cfg.embedder} (sentence-transformers, GPU, bf16)"
-        t_chunk = tokens_per_chunk
+        dim = embedder_dim or sample.get("embedder_dim_measured")
+        if embedder_max_tokens is None:
+            embedder_max_tokens = sample.get("embedder_max_tokens_measured")
+        on_gpu = gpus > 0
+        prec = cfg.embed_precision
+        if prec == "auto":
+            prec = "bf16" if on_gpu else sample.get("embedder_cpu_precision", "auto (bf16 where the CPU has it)")
+        where = f"{gpus} x {gpu}" if on_gpu else "CPU"
+        emb["embedder"] = f"{cfg.embedder} (sentence-transformers, {where}, {prec})"
+        t_chunk = sample.get("embed_tokens_per_chunk", tokens_per_chunk)
         if embedder_max_tokens is not None and sample["tokens_per_chunk_max"] > embedder_max_tokens:
-            warnings.append(f"some chunks ({sample['tokens_per_chunk_max']} tokens) exceed the embedder's "
-                            f"{embedder_max_tokens} max tokens and are truncated")
+            share = sample.get("embed_truncated_share")
+            warnings.append(f"some chunks (up to {sample['tokens_per_chunk_max']} tokens"
+                            + (f"; {100 * share:.1f}% of the sample" if share is not None else "")
+                            + f") exceed the embedder's {embedder_max_tokens} max tokens and are truncated: "
+                            "a smaller --granularity keeps them whole")
             t_chunk = min(t_chunk, embedder_max_tokens)
+        waste = float(sample.get("embed_padding_waste", 0.0))
+        t_pad = t_chunk / max(1e-9, 1.0 - waste)
+        emb["tokens_per_chunk"] = _fig(t_chunk, "tokens", "measured tokens per chunk, each capped at the "
+                                       f"embedder's max tokens ({embedder_max_tokens or 'unknown'})")
+        emb["padding_waste"] = _fig(waste, "fraction",
+                                    f"1 - tokens / padded tokens, chunks sorted by length and packed into "
+                                    f"--embed-batch-tokens {cfg.embed_batch_tokens:,} batches",
+                                    "measured on the sample" if "embed_padding_waste" in sample else "assumed 0")
+        emb["batches"] = _fig(N * t_pad / cfg.embed_batch_tokens, "batches",
+                              "chunks * tokens per chunk / (1 - padding waste) / --embed-batch-tokens")
         assumptions.append("the embedder's tokenizer produces as many tokens per chunk as --tokenizer "
                            f"({t_chunk:.0f} measured); the embedder's own tokenizer is not run here")
-        peak = gpu_tflops if gpu_tflops is not None else GPU_BF16_TFLOPS.get(gpu.upper())
-        if embedder_params is None:
+        per_chunk = None
+        if embedder_params is not None:
+            per_chunk = 2.0 * embedder_params * t_pad
+            f = f"2 * params * tokens per chunk / (1 - padding waste) = 2 * {embedder_params:,} * {t_pad:.1f}"
+            if embedder_layers and embedder_hidden:
+                per_chunk += 4.0 * embedder_layers * t_pad**2 * embedder_hidden
+                f += f" + attention 4 * layers * t^2 * hidden = 4 * {embedder_layers} * {t_pad:.1f}^2 * " \
+                     f"{embedder_hidden}"
+            emb["flops_per_chunk"] = _fig(per_chunk, "FLOP", f, "forward pass only; every parameter counted as a "
+                                          "matmul weight; padded tokens are computed too")
+            emb["total_flops"] = _fig(per_chunk * N, "FLOP", "flops per chunk * chunks")
+        else:
             emb["flops_per_chunk"] = _fig(None, "FLOP", "2 * params * tokens per chunk",
                                           "unknown: give the embedder's parameter count")
-        elif peak is None:
-            emb["flops_per_chunk"] = _fig(2.0 * embedder_params * t_chunk, "FLOP", "2 * params * tokens per chunk")
-            warnings.append(f"unknown GPU {gpu!r}: give its bf16 dense TFLOP/s (known: {sorted(GPU_BF16_TFLOPS)})")
-        else:
-            lin = 2.0 * embedder_params * t_chunk
-            attn = 0.0
-            f = f"2 * params * tokens per chunk = 2 * {embedder_params:,} * {t_chunk:.1f}"
-            if embedder_layers and embedder_hidden:
-                attn = 4.0 * embedder_layers * t_chunk**2 * embedder_hidden
-                f += f" + attention 4 * layers * t^2 * hidden = 4 * {embedder_layers} * {t_chunk:.1f}^2 * " \
-                     f"{embedder_hidden}"
-            per_chunk = lin + attn
-            total = per_chunk * N
-            rate = peak * 1e12 * mfu
-            gpu_hours = total / rate / 3600
-            emb["flops_per_chunk"] = _fig(per_chunk, "FLOP", f,
-                                          "forward pass only; every parameter counted as a matmul weight")
-            emb["total_flops"] = _fig(total, "FLOP", "flops per chunk * chunks")
-            emb["throughput_per_gpu"] = _fig(
-                rate / per_chunk, "chunks/s",
-                f"{peak:g} TFLOP/s bf16 dense peak ({gpu}) * MFU {mfu:g} / flops per chunk", "ESTIMATE")
-            emb["gpu_hours"] = _fig(gpu_hours, "GPU-hours", "total flops / (peak * MFU) / 3600", "ESTIMATE")
-            emb["wall_hours"] = _fig(gpu_hours / gpus, "hours", f"GPU-hours / {gpus} GPUs (one task per GPU)",
-                                     "ESTIMATE, also the hours each GPU works")
-            if embedder_embedding_params:
-                share = (embedder_params - embedder_embedding_params) / embedder_params
-                emb["gpu_hours_non_embedding"] = _fig(
-                    gpu_hours * share, "GPU-hours",
-                    f"gpu_hours * (params - embedding-table params) / params = gpu_hours * {share:.3f}",
-                    "ESTIMATE: the token-embedding table is a lookup, not a matmul; lower bound of the same model")
-            assumptions.append(f"embedding runs at MFU {mfu:g} of the {gpu} bf16 dense peak ({peak:g} TFLOP/s): "
-                               "length-sorted batches, no padding, no data-loading stall")
+        if on_gpu:
+            table = GPU_FP32_TFLOPS if prec == "fp32" else GPU_BF16_TFLOPS
+            peak = gpu_tflops if gpu_tflops is not None else table.get(gpu.upper())
+            kind = "fp32" if prec == "fp32" else "bf16 dense"
+            if peak is None:
+                warnings.append(f"unknown GPU {gpu!r}: give its {kind} TFLOP/s (known: {sorted(table)})")
+            elif per_chunk is not None:
+                rate = peak * 1e12 * mfu
+                gpu_hours = per_chunk * N / rate / 3600
+                emb["throughput_per_gpu"] = _fig(
+                    rate / per_chunk, "chunks/s",
+                    f"{peak:g} TFLOP/s {kind} peak ({gpu}) * MFU {mfu:g} / flops per chunk", "ESTIMATE")
+                emb["gpu_hours"] = _fig(gpu_hours, "GPU-hours", "total flops / (peak * MFU) / 3600", "ESTIMATE")
+                emb["wall_hours"] = _fig(gpu_hours / gpus, "hours", f"GPU-hours / {gpus} GPUs (one task per GPU)",
+                                         "ESTIMATE, also the hours each GPU works")
+                if embedder_embedding_params:
+                    share = (embedder_params - embedder_embedding_params) / embedder_params
+                    emb["gpu_hours_non_embedding"] = _fig(
+                        gpu_hours * share, "GPU-hours",
+                        f"gpu_hours * (params - embedding-table params) / params = gpu_hours * {share:.3f}",
+                        "ESTIMATE: the token-embedding table is a lookup, not a matmul; lower bound of the same "
+                        "model")
+                assumptions.append(
+                    f"embedding runs at MFU {mfu:g} of the {gpu} {kind} peak ({peak:g} TFLOP/s) in {prec} with "
+                    f"fused attention (SDPA/flash: memory linear in length, FLOPs as counted), length-sorted "
+                    f"batches of {cfg.embed_batch_tokens:,} padded tokens with the measured padding waste, "
+                    "tokenization overlapped with compute (no data-loading stall), one task per GPU")
+        elif "embedder_cpu_chunks_per_second" in sample:
+            r = sample["embedder_cpu_chunks_per_second"]
+            h = N / r / 3600
+            emb["cpu_hours"] = _fig(h, "process-hours", "chunks / measured chunks per second",
+                                    f"measured here: {r:,.2f} chunks/s by the embed stage's encoder on "
+                                    f"{sample['embedder_cpu_chunks']} sample chunks, {prec}, "
+                                    f"{sample.get('embedder_cpu_threads')} threads; wall with --tasks "
+                                    f"{cfg.tasks}: {h / cfg.tasks:,.2f} h if each task has its own cores")
+        elif per_chunk is not None:
+            if cpu_gflops is None:
+                cpu_gflops = measure_cpu_gflops()
+            h = per_chunk * N / (cpu_gflops * 1e9 * 0.5) / 3600
+            emb["cpu_hours"] = _fig(h, "process-hours",
+                                    f"total flops / (0.5 * {cpu_gflops:,.0f} GFLOP/s float32 GEMM measured here)",
+                                    "ESTIMATE: the embedder was not run here; bf16 on a CPU with AMX/AVX-512 BF16 "
+                                    "is faster")
     if dim is not None:
         itemsize = np.dtype(cfg.embedding_dtype).itemsize
         emb["storage"] = _fig(float(N) * dim * itemsize, "bytes",
@@ -471,7 +579,7 @@ def estimate_from_sample(cfg, sample: dict, *, documents: int | None = None, chu
         warnings.append(f"--nprobe {cfg.nprobe} > nlist {p['nlist']}")
 
     # --- search (and index build) ---
-    if search_on is None:
+    if search_on is None or gpus == 0:
         search_on = "gpu" if (gpus > 0 and not hashing) else "cpu"
     if search_on == "gpu":
         fp32 = GPU_FP32_TFLOPS.get(gpu.upper())
@@ -574,15 +682,16 @@ def estimate_from_sample(cfg, sample: dict, *, documents: int | None = None, chu
 
 
 def estimate(cfg, *, documents: int | None = None, chunks: int | None = None, samples: int | None = None,
-             sample_docs: int = 2000, gpus: int = 8, gpu: str = "H100", mfu: float = 0.4,
+             sample_docs: int = 2000, gpus: int | None = None, gpu: str = "H100", mfu: float = 0.4,
              embedder_params: int | None = None, count_inputs: bool = True, measure_throughput: bool = True,
              **model) -> dict:
     """Cost of running ``cfg`` on a corpus of ``documents`` documents and/or ``chunks`` chunks (default: the
     number of records in the whole input), measured on the first ``sample_docs`` documents.
 
-    ``gpus``/``gpu``/``mfu``: GPUs used for embedding (and FAISS search), their type (bf16 dense peak from
-    :data:`GPU_BF16_TFLOPS`, or ``gpu_tflops=``) and the model FLOP utilization assumed. ``embedder_params``:
-    parameter count of a sentence-transformers embedder. Further keywords go to
+    ``gpus``/``gpu``/``mfu``: GPUs used for embedding (and FAISS search; default: the GPUs present here,
+    0 = estimate for this CPU, where a sentence-transformers embedder is run on a few sample chunks), their
+    type (bf16 dense peak from :data:`GPU_BF16_TFLOPS`, or ``gpu_tflops=``) and the model FLOP utilization
+    assumed. ``embedder_params``: parameter count of a sentence-transformers embedder. Further keywords go to
     :func:`estimate_from_sample` (``embedder_dim``, ``embedder_max_tokens``, ``embedder_layers``,
     ``embedder_hidden``, ``embedder_embedding_params``, ``search_on``, ``search_efficiency``,
     ``cpu_gflops``, ``gpu_tflops``, ``synth_tokens_per_second``). When ``cfg.embedder`` is a local model
@@ -596,7 +705,10 @@ def estimate(cfg, *, documents: int | None = None, chunks: int | None = None, sa
         for key, value in found.items():
             if key != "embedder_params" and model.get(key) is None:
                 model[key] = value
-    sample = measure_sample(cfg, sample_docs, measure_throughput)
+    if gpus is None:
+        gpus = detect_gpus()
+    sample = measure_sample(cfg, sample_docs, measure_throughput, max_tokens=model.get("embedder_max_tokens"),
+                            embed_on_cpu=gpus == 0)
     records = None
     if documents is None and chunks is None and count_inputs:
         records = count_input_records(cfg)

@@ -221,7 +221,16 @@ def embed_shard(cfg, work: Path, shard: Shard, embedder, idf: np.ndarray | None,
     tmp = _tmp(final, ".npy")
     out = np.lib.format.open_memmap(tmp, mode="w+", dtype=dtype, shape=(n, embedder.dim))
     bar = progress(total=n, desc=f"embed {shard.name}", unit="chunk") if progress else None
-    for i in range(0, n, batch_size):
+    extra: dict = {}
+    if counts is None and hasattr(embedder, "encode"):
+        # the embedder batches, deduplicates and reports itself; rows go straight into the store
+        _, extra = embedder.encode(texts, out=out, progress=bar.update if bar is not None else None)
+        extra = {"embedder": embedder.describe(), **extra}
+        batch_size = max(1, n)
+        n_done = n
+    else:
+        n_done = 0
+    for i in range(n_done, n, batch_size):
         if counts is not None:
             e = embedder.embed_counts(counts[i : i + batch_size])
         else:
@@ -234,7 +243,7 @@ def embed_shard(cfg, work: Path, shard: Shard, embedder, idf: np.ndarray | None,
     out.flush()
     del out
     os.replace(tmp, final)
-    return {"chunks": n, "dim": int(embedder.dim), "dtype": str(dtype)}
+    return {"chunks": n, "dim": int(embedder.dim), "dtype": str(dtype), **extra}
 
 
 # ------------------------------------------------------------------------------------------ gather

@@ -4,8 +4,10 @@ Unit: one input file (``shard-XXXXX``), as for ``chunk``. Writes ``pool/shard-XX
 (:func:`nextlong.pool.embed_shard`); the hashing embedder also reads every shard's document frequencies
 (its IDF is global, cached as ``pool/idf-<hash>.npy``).
 Key: the shard's chunk key, the embedder (model files by content), ``--embedding-dtype`` and, for a neural
-embedder, ``--embed-batch-size``; for the hashing embedder ``--embedding-dim`` and every shard's chunk key
-(the IDF). Not the seed: the hashing embedder's projection uses the fixed seed :data:`HASHING_SEED`.
+embedder, ``--embed-batch-size``, ``--embed-batch-tokens`` and ``--embed-precision`` (batch composition and
+precision change a neural embedder's bytes; ``--embed-threads`` does not); for the hashing embedder
+``--embedding-dim`` and every shard's chunk key (the IDF). Not the seed: the hashing embedder's projection
+uses the fixed seed :data:`HASHING_SEED`.
 """
 
 from __future__ import annotations
@@ -51,6 +53,7 @@ def _embedder_identity(ctx: Ctx) -> dict:
             d = Path(cfg.embedder)
             files = sorted(q for q in d.rglob("*") if q.is_file() and ".git" not in q.parts) if d.is_dir() else []
             ident = {"embedder": d.name or cfg.embedder, "batch_size": cfg.embed_batch_size,
+                     "batch_tokens": cfg.embed_batch_tokens, "precision": cfg.embed_precision,
                      "trust_remote_code": cfg.trust_remote_code,
                      "files": {str(q.relative_to(d)): input_identity(ctx.work, str(q), ctx.memo) for q in files}}
         ctx.memo["embedder_id"] = ident
@@ -85,8 +88,12 @@ def embedder(ctx: Ctx):
 
         cfg = ctx.cfg
         device = _device_for_slot(ctx.memo.get("slot", 0)) if cfg.embedder != "hashing" else None
+        # worker processes share the cores instead of each starting one thread per core
+        threads = cfg.embed_threads or (max(1, (os.cpu_count() or 1) // cfg.tasks) if cfg.tasks > 1 else 0)
         ctx.memo["embedder"] = make_embedder(cfg.embedder, HASHING_SEED, cfg.embedding_dim, cfg.embed_batch_size,
-                                             device=device, trust_remote_code=cfg.trust_remote_code)
+                                             device=device, trust_remote_code=cfg.trust_remote_code,
+                                             precision=cfg.embed_precision, batch_tokens=cfg.embed_batch_tokens,
+                                             threads=threads)
     return ctx.memo["embedder"]
 
 
@@ -101,9 +108,23 @@ def run(ctx: Ctx, unit: Unit) -> dict:
         idf = hashing_idf(idf_path, work, chunk.shards(ctx), emb.n_features)
     stats = embed_shard(cfg, work, unit.data, emb, idf, progress=ctx.progress)
     describe = getattr(emb, "describe", None)
-    if describe is not None:
+    if describe is not None and "embedder" not in stats:
         stats["embedder"] = describe()
     return stats
+
+
+def record(ctx: Ctx, stats: list[dict]) -> dict:
+    """The manifest's embed record: the embedder as it ran (true dimension, device, precision, batching, max
+    tokens) and the totals of its units (duplicates, truncation, padding)."""
+    from ..embedding import merge_embed_stats
+
+    cfg = ctx.cfg
+    rec = {"embedder": cfg.embedder, "dtype": cfg.embedding_dtype, "dim": stats[0].get("dim") if stats else None}
+    described = next((st["embedder"] for st in stats if isinstance(st.get("embedder"), dict)), None)
+    if described:
+        rec.update({k: v for k, v in described.items() if k != "name"})
+    rec.update(merge_embed_stats(stats))
+    return rec
 
 
 def shared(ctx: Ctx) -> dict:

@@ -212,7 +212,6 @@ def build_manifest(ctx: Ctx) -> dict:
     filt = {k: sum(m["stats"].get("filtered_candidates", {}).get(k, 0) for m in synth_m)
             for k in ("same_document", "duplicate", "adaptive_k_retries")}
     dropped = ms["dropped"]
-    embedder = (embed_m[0]["stats"].get("embedder") if embed_m else None) or {"name": cfg.embedder}
     stage_markers = {"chunk": chunk_m, "embed": embed_m, "gather": [gather_m], "index": [index_m],
                      "synth": synth_m, "merge": [merge_m]}
     runs = list(ctx.shared.get("runs", []))
@@ -265,8 +264,7 @@ def build_manifest(ctx: Ctx) -> dict:
             "chunk": {**totals, "shards": len(chunk_m), "documents_per_input": per_input,
                       "rejected": dict(sorted(rejected.items())), "inputs": inputs,
                       "chars_per_token": p["chars_per_token"]},
-            "embed": {"embedder": embedder, "dtype": cfg.embedding_dtype,
-                      "dim": embed_m[0]["stats"].get("dim") if embed_m else None,
+            "embed": {**embed.record(ctx, [m["stats"] for m in embed_m]),
                       "key_hash": key_hash([m["key_hash"] for m in embed_m])},
             "gather": gather_m["stats"] if gather_m else None,
             "index": index_m["stats"] if index_m else None,
