@@ -34,6 +34,7 @@ from pathlib import Path
 
 import numpy as np
 
+from .assemble import merge_tallies
 from .config import SynthesisConfig
 from .stages import key_hash
 
@@ -130,12 +131,14 @@ class _SynthPlan:
     """What the synthesis and merge stages share: meta-document order, parts, special tokens."""
 
     def __init__(self, cfg: SynthesisConfig, work: Path, tok, summary: dict) -> None:
-        from . import pool, synthesize
+        from . import pool, split, synthesize
         from .readers import parse_input_specs
 
         p = pool.load_pool(work)
         weights = {s.name: s.weight for s in parse_input_specs(cfg.inputs, cfg.mix, cfg.input_names)}
         self.order = synthesize.meta_document_order(p, weights, cfg.seed)
+        self.order = split.restrict_order(self.order, split.allowed_documents(p, cfg))  # --split
+        self.split_counts = split.split_counts(p, cfg) if cfg.split != "all" else None
         self.plan = synthesize.plan_parts(len(self.order), cfg.tasks, cfg.block_docs)
         self.sep_ids = tok.encode(cfg.separator) if cfg.separator else []
         self.specials = {"bos": [tok.bos_id] if tok.bos_id is not None else [],
@@ -276,8 +279,10 @@ def stage_merge(cfg: SynthesisConfig, work: Path, tok, summary: dict, timings: d
             "tokens_out": merged["tokens"],
             "dropped": dict(sorted(dropped.items())),
             "filtered_candidates": {k: sum(s.get("filtered_candidates", {}).get(k, 0) for s in part_stats)
-                                    for k in ("same_document", "duplicate", "adaptive_k_retries")},
+                                    for k in ("same_document", "duplicate", "adaptive_k_retries", "other_split")},
         },
+        "split": sp.split_counts,
+        "synthesis_balance": merge_tallies([s.get("balance") for s in part_stats]),
         "paper_budget": None if cfg.budget != "paper" else {
             "samples_overfilled": int(sum(1 for x in overfill if x > 0)),
             "mean_overfill_tokens": float(np.mean(overfill)) if overfill else 0.0,
