@@ -13,7 +13,7 @@ from nextlong.assemble import Specials, build_nextlong, merge_tallies
 from nextlong.cli import main
 from nextlong.indexed import read_indexed
 from nextlong.mining import Candidates, wider_limits
-from nextlong.split import SPLIT_CODE, document_splits, unit_of
+from nextlong.split import SPLIT_CODE, document_splits, document_units, unit_of
 
 # ------------------------------------------------------------------------------------- allocation (unit)
 
@@ -120,6 +120,9 @@ def test_document_splits_follow_the_fractions(shared_work):
     from nextlong.pool import load_pool
 
     pool = load_pool(shared_work)
+    cached = document_units(pool, shared_work)  # written to, then read from the work directory
+    assert list(shared_work.glob("doc_split_units-*.npy")) and np.array_equal(document_units(pool, shared_work), cached)
+    assert np.array_equal(cached, document_units(pool))
     small = document_splits(pool, 0.1, 0.1)
     big = document_splits(pool, 0.3, 0.1)
     assert set(np.unique(small)) == {0, 1, 2}
@@ -156,10 +159,11 @@ def _spans(prefix: Path):
     return pq.read_table(f"{prefix}_spans.parquet").to_pandas()
 
 
-def test_position_balance_in_manifest(tmp_path, shared_work, docs_corpus, cl100k_json):
-    rise = {}
+def test_position_balance_in_manifest_and_report(tmp_path, shared_work, docs_corpus, cl100k_json):
+    rise, prefixes = {}, {}
     for alloc in ("even", "sequential"):
-        prefix = _run(tmp_path, shared_work, docs_corpus, cl100k_json, alloc, "--negative-allocation", alloc, n=24)
+        prefix = prefixes[alloc] = _run(tmp_path, shared_work, docs_corpus, cl100k_json, alloc,
+                                        "--negative-allocation", alloc, n=24)
         pos = _manifest(prefix)["synthesis_balance"]["negatives_by_meta_chunk_position"]
         sp = _spans(prefix)
         neg = sp[sp["role"] == "negative"]
@@ -167,6 +171,19 @@ def test_position_balance_in_manifest(tmp_path, shared_work, docs_corpus, cl100k
         assert pos["0"]["mean_rank"] == pytest.approx(float(neg[neg["meta_index"] == 0]["rank"].mean()))
         rise[alloc] = pos["last"]["mean_rank"] - pos["first"]["mean_rank"]
     assert rise["sequential"] > 0 and rise["even"] < rise["sequential"]
+    pytest.importorskip("matplotlib")
+    from nextlong.report import write_report
+
+    rep = write_report(prefixes["even"], [prefixes["sequential"]], output=tmp_path / "rep", verify=False)
+    page = rep.html.read_text()
+    assert 'id="position"' in page and 'id="droprate"' in page
+    runs = json.loads(rep.json.read_text())["runs"]
+    for run, alloc in zip(runs, ("even", "sequential"), strict=True):
+        bal = _manifest(prefixes[alloc])["synthesis_balance"]
+        assert run["drop_rate_by_chunks_per_document"] == bal["drop_rate_by_chunks_per_document"]
+        for k, v in bal["negatives_by_meta_chunk_position"].items():  # recomputed from the spans: the same
+            assert run["negatives_by_meta_chunk_position"][k]["negatives"] == v["negatives"]
+            assert run["negatives_by_meta_chunk_position"][k]["mean_rank"] == pytest.approx(v["mean_rank"])
 
 
 def test_wider_lists_keep_short_documents(tmp_path, shared_work, docs_corpus, cl100k_json):

@@ -137,8 +137,8 @@ class _SynthPlan:
         p = pool.load_pool(work)
         weights = {s.name: s.weight for s in parse_input_specs(cfg.inputs, cfg.mix, cfg.input_names)}
         self.order = synthesize.meta_document_order(p, weights, cfg.seed)
-        self.order = split.restrict_order(self.order, split.allowed_documents(p, cfg))  # --split
-        self.split_counts = split.split_counts(p, cfg) if cfg.split != "all" else None
+        self.order = split.restrict_order(self.order, split.allowed_documents(p, cfg, work))  # --split
+        self.split_counts = split.split_counts(p, cfg, work) if cfg.split != "all" else None
         self.plan = synthesize.plan_parts(len(self.order), cfg.tasks, cfg.block_docs)
         self.sep_ids = tok.encode(cfg.separator) if cfg.separator else []
         self.specials = {"bos": [tok.bos_id] if tok.bos_id is not None else [],

@@ -17,6 +17,8 @@ candidate lists are as long as the train split's; see :func:`nextlong.mining.ret
 from __future__ import annotations
 
 import hashlib
+import os
+from pathlib import Path
 
 import numpy as np
 
@@ -30,25 +32,45 @@ def unit_of(corpus: str, doc_id: str) -> float:
     return int.from_bytes(h, "big") / 2.0**64
 
 
-def document_splits(pool, valid_fraction: float, test_fraction: float, step: int = 1 << 20) -> np.ndarray:
-    """Split code (0 train, 1 valid, 2 test) of every document of ``pool`` (int8 [n_docs])."""
-    out = np.empty(pool.n_docs, dtype=np.int8)
+def document_units(pool, work: Path | None = None, step: int = 1 << 20) -> np.ndarray:
+    """:func:`unit_of` of every document of ``pool`` (float64 [n_docs]). With ``work`` (the pool's work
+    directory), the values are cached there under the identity of ``docs.arrow``, so the synthesis and merge
+    stages and every task hash the ids once (tens of millions of documents take minutes)."""
+    cache = None
+    if work is not None and (work / "docs.arrow").exists():
+        st = (work / "docs.arrow").stat()
+        cache = work / f"doc_split_units-{st.st_size}-{st.st_mtime_ns}.npy"
+        if cache.exists():
+            units = np.load(cache)
+            if len(units) == pool.n_docs:
+                return units
+    units = np.empty(pool.n_docs, dtype=np.float64)
     ids = pool.doc_table.column("doc_id")
     corpora = pool.corpora
     codes = np.asarray(pool.doc_corpus_code)
     for a in range(0, pool.n_docs, step):
         chunk_ids = ids.slice(a, step).to_pylist()
-        u = np.fromiter((unit_of(corpora[c], d) for c, d in zip(codes[a:a + step].tolist(), chunk_ids, strict=True)),
-                        dtype=np.float64, count=len(chunk_ids))
-        out[a:a + len(chunk_ids)] = np.where(u < test_fraction, 2, np.where(u < test_fraction + valid_fraction, 1, 0))
-    return out
+        units[a:a + len(chunk_ids)] = np.fromiter(
+            (unit_of(corpora[c], d) for c, d in zip(codes[a:a + step].tolist(), chunk_ids, strict=True)),
+            dtype=np.float64, count=len(chunk_ids))
+    if cache is not None:
+        tmp = cache.with_name(f".{cache.name}.tmp-{os.getpid()}.npy")
+        np.save(tmp, units)
+        os.replace(tmp, cache)
+    return units
 
 
-def allowed_documents(pool, cfg) -> np.ndarray | None:
+def document_splits(pool, valid_fraction: float, test_fraction: float, work: Path | None = None) -> np.ndarray:
+    """Split code (0 train, 1 valid, 2 test) of every document of ``pool`` (int8 [n_docs])."""
+    u = document_units(pool, work)
+    return np.where(u < test_fraction, 2, np.where(u < test_fraction + valid_fraction, 1, 0)).astype(np.int8)
+
+
+def allowed_documents(pool, cfg, work: Path | None = None) -> np.ndarray | None:
     """Bool per document: in the run's ``--split`` (``None`` for ``--split all``)."""
     if cfg.split == "all":
         return None
-    return document_splits(pool, cfg.valid_fraction, cfg.test_fraction) == SPLIT_CODE[cfg.split]
+    return document_splits(pool, cfg.valid_fraction, cfg.test_fraction, work) == SPLIT_CODE[cfg.split]
 
 
 def restrict_order(order: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
@@ -56,11 +78,11 @@ def restrict_order(order: np.ndarray, allowed: np.ndarray | None) -> np.ndarray:
     return order if allowed is None else order[allowed[order]]
 
 
-def split_counts(pool, cfg) -> dict:
+def split_counts(pool, cfg, work: Path | None = None) -> dict:
     """Documents, chunks and tokens per split (for the manifest); empty for ``--split all``."""
     if cfg.split == "all":
         return {}
-    codes = document_splits(pool, cfg.valid_fraction, cfg.test_fraction)
+    codes = document_splits(pool, cfg.valid_fraction, cfg.test_fraction, work)
     nchunks = np.asarray(pool.doc_nchunks, dtype=np.int64)
     first = np.asarray(pool.doc_first, dtype=np.int64)
     offsets = np.asarray(pool.offsets)

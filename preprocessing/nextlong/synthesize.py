@@ -93,7 +93,7 @@ class PartContext:
         self.cfg = cfg
         self.work = work
         self.pool = load_pool(work)
-        self.allowed_doc = allowed_documents(self.pool, cfg)  # None, or bool per document of the run's split
+        self.allowed_doc = allowed_documents(self.pool, cfg, work)  # None, or bool per document of the run's split
         heldout = cfg.split in ("valid", "test")  # searched with an ID selector, on CPU (nextlong.mining)
         self.allowed_chunks = self.allowed_doc[self.pool.chunk_doc] if heldout else None
         self.n_available = (self.pool.n_chunks if self.allowed_doc is None
