@@ -163,7 +163,7 @@ def test_position_balance_in_manifest_and_report(tmp_path, shared_work, docs_cor
     rise, prefixes = {}, {}
     for alloc in ("even", "sequential"):
         prefix = prefixes[alloc] = _run(tmp_path, shared_work, docs_corpus, cl100k_json, alloc,
-                                        "--negative-allocation", alloc, n=24)
+                                        "--negative-allocation", alloc, n=16)
         pos = _manifest(prefix)["synthesis_balance"]["negatives_by_meta_chunk_position"]
         sp = _spans(prefix)
         neg = sp[sp["role"] == "negative"]
@@ -191,9 +191,9 @@ def test_wider_lists_keep_short_documents(tmp_path, shared_work, docs_corpus, cl
     wider lists it is not, and the output equals a run that retrieved the widest list at once."""
     flags = ("--target-length", "8192")
     args = (tmp_path, shared_work, docs_corpus, cl100k_json)
-    capped = _run(*args, "capped", *flags, "--candidates", "8", "--max-candidates", "8")
-    wide = _run(*args, "wide", *flags, "--candidates", "8", "--max-candidates", "256")
-    full = _run(*args, "full", *flags, "--candidates", "256", "--max-candidates", "256")
+    capped = _run(*args, "capped", *flags, "--candidates", "8", "--max-candidates", "8", n=8)
+    wide = _run(*args, "wide", *flags, "--candidates", "8", "--max-candidates", "256", n=8)
+    full = _run(*args, "full", *flags, "--candidates", "256", "--max-candidates", "256", n=8)
     rc = _manifest(capped)["synthesis_balance"]["drop_rate_by_chunks_per_document"]
     rw = _manifest(wide)["synthesis_balance"]["drop_rate_by_chunks_per_document"]
     assert rc["1"]["dropped"].get("insufficient_negatives", 0) > 0
