@@ -241,3 +241,26 @@ def test_baselines_write_mask_one_everywhere(tmp_path, shared_work, docs_corpus,
     assert set(sp["role"]) <= {"bos", "meta", "separator", "eos"} and sp["doc_id"][sp["role"] == "meta"].nunique() > 6
     codes = _manifest(prefix)["split"]
     assert codes["split"] == "valid"
+
+
+def test_heldout_search_on_an_ivf_index_returns_only_allowed_chunks():
+    """A held-out split searches the shared IVF index with an ID selector and a proportionally larger nprobe:
+    every returned id is allowed and the lists are full, although the probed lists hold few allowed chunks."""
+    from nextlong.index import build_index
+    from nextlong.mining import retrieve_block
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((4000, 16)).astype(np.float32)
+    emb /= np.linalg.norm(emb, axis=1, keepdims=True)
+    index = build_index(emb, "IVF32,Flat", train_size=4000, seed=0, nprobe=2, use_gpu=False)
+    pool = SimpleNamespace(embeddings=emb)
+    allowed = rng.random(4000) < 0.05
+    queries = np.flatnonzero(allowed)[:20]
+    ids, sims = retrieve_block(pool, index, queries, 64, allowed_chunks=allowed)
+    assert ids.shape == (20, 64) and np.all(ids >= 0) and np.all(allowed[ids])
+    assert np.all(np.diff(sims, axis=1) <= 0)
+    exact = np.argsort(-(emb[queries] @ emb[allowed].T), axis=1)[:, :10]  # the true top-10 among allowed chunks
+    recall = np.mean([len(set(np.flatnonzero(allowed)[exact[q]]) & set(ids[q, :10])) / 10 for q in range(20)])
+    assert recall > 0.8
+    plain, _ = retrieve_block(pool, index, queries, 64)  # without the selector: mostly other chunks
+    assert np.mean(allowed[plain]) < 0.5
