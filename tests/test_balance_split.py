@@ -264,3 +264,18 @@ def test_heldout_search_on_an_ivf_index_returns_only_allowed_chunks():
     assert recall > 0.8
     plain, _ = retrieve_block(pool, index, queries, 64)  # without the selector: mostly other chunks
     assert np.mean(allowed[plain]) < 0.5
+
+
+@pytest.mark.parametrize(("flags", "named"), [
+    ({"max_candidates": 100}, "--max-candidates"),
+    ({"negative_allocation": "random"}, "--negative-allocation"),
+    ({"split": "dev"}, "--split"),
+    ({"split": "valid", "valid_fraction": 0.0}, "--valid-fraction"),
+    ({"split": "test", "test_fraction": 0.0}, "--test-fraction"),
+    ({"valid_fraction": 0.6, "test_fraction": 0.5}, "--valid-fraction"),
+])
+def test_bad_flags_are_named(flags, named):
+    from nextlong.config import ConfigError, SynthesisConfig
+
+    with pytest.raises(ConfigError, match=named):
+        SynthesisConfig(inputs=["x"], output_prefix="o", tokenizer="t", **flags)
