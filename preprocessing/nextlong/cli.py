@@ -8,7 +8,16 @@ import json
 import logging
 import sys
 
-from .config import BUDGETS, METHODS, NEGATIVE_ORDERS, NEGATIVE_SELECTIONS, ConfigError, SynthesisConfig
+from .config import (
+    BUDGETS,
+    METHODS,
+    NEGATIVE_ALLOCATIONS,
+    NEGATIVE_ORDERS,
+    NEGATIVE_SELECTIONS,
+    SPLITS,
+    ConfigError,
+    SynthesisConfig,
+)
 
 log = logging.getLogger("nextlong")
 
@@ -70,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
     sy.add_argument("--target-length", type=int, default=131072, help="tokens per sample, exactly")
     sy.add_argument("--granularity", type=int, default=2048, help="maximum chunk size s, in characters")
     sy.add_argument("--candidates", type=int, default=512, help="chunks retrieved per meta-chunk")
+    sy.add_argument("--max-candidates", type=int, default=2048,
+                    help="longest candidate list per meta-chunk, in chunks: lists that run out are widened "
+                         "(doubling from --candidates) up to this, so short documents are not dropped")
     sy.add_argument("--near-duplicate-threshold", type=float, default=0.95,
                     help="drop candidates with cosine similarity >= this to the meta-chunk")
     sy.add_argument("--budget", choices=BUDGETS, default="exact",
@@ -80,6 +92,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="meta-chunk position in its extended chunk (Table 5)")
     sy.add_argument("--negative-selection", choices=NEGATIVE_SELECTIONS, default="topk",
                     help="which retrieved chunks become negatives (Figure 6)")
+    sy.add_argument("--negative-allocation", choices=NEGATIVE_ALLOCATIONS, default="even",
+                    help="even: meta-chunks take their next-best unused candidate in turn; sequential: each "
+                         "meta-chunk fills its budget before the next")
+    sy.add_argument("--split", choices=SPLITS, default="all",
+                    help="all documents, or only the train/valid/test split of a stable hash of the document ids "
+                         "(meta-documents and negatives alike; the pool is shared)")
+    sy.add_argument("--valid-fraction", type=float, default=0.005,
+                    help="share of documents held out for validation (0-1, with --split)")
+    sy.add_argument("--test-fraction", type=float, default=0.005,
+                    help="share of documents held out for test (0-1, with --split)")
     sy.add_argument("--max-samples", type=int, help="stop after this many samples (default: all meta-documents)")
     sy.add_argument("--seed", type=int, default=1234, help="seed of every random choice")
     em = p.add_argument_group("embedding and index")

@@ -13,6 +13,8 @@ METHODS = ("nextlong", "standard", "knn")
 NEGATIVE_ORDERS = ("head", "tail", "random")
 NEGATIVE_SELECTIONS = ("topk", "random-retrieved", "tailk", "random-doc", "self-repeat")
 BUDGETS = ("exact", "paper")
+NEGATIVE_ALLOCATIONS = ("even", "sequential")
+SPLITS = ("all", "train", "valid", "test")
 
 
 class ConfigError(ValueError):
@@ -78,6 +80,11 @@ class SynthesisConfig:
     """``--nprobe``: IVF lists visited per query (ignored by ``Flat``)."""
     candidates: int = 512
     """``--candidates``: chunks retrieved per meta-chunk before filtering (paper Section 5.3: 512)."""
+    max_candidates: int = 2048
+    """``--max-candidates``: longest candidate list per meta-chunk (top-k selection): a document whose
+    lists run out is mined again with lists of ``--candidates``, doubling, up to this many, so short
+    documents are not dropped for lack of negatives at long targets. 2048 is also the largest k of FAISS's
+    GPU search."""
     near_duplicate_threshold: float = 0.95
     """``--near-duplicate-threshold``: candidates whose cosine similarity to the meta-chunk is at or above
     this are near-duplicates and dropped (exact duplicates are dropped by text hash)."""
@@ -99,6 +106,16 @@ class SynthesisConfig:
     """``--negative-order``: where the meta-chunk sits in its extended chunk (paper Table 5; head = first)."""
     negative_selection: str = "topk"
     """``--negative-selection``: Figure 6 ablations: topk, random-retrieved, tailk, random-doc, self-repeat."""
+    negative_allocation: str = "even"
+    """``--negative-allocation``: ``even`` (meta-chunks take their next-best unused candidate in turn) or
+    ``sequential`` (each meta-chunk fills its budget before the next starts); see nextlong.assemble."""
+    split: str = "all"
+    """``--split``: ``all`` (every document), or ``train``/``valid``/``test``: meta-documents and negatives
+    only from that split of a stable hash of the document ids (nextlong.split); the pool is shared."""
+    valid_fraction: float = 0.005
+    """``--valid-fraction``: share of the documents held out for validation (with ``--split``)."""
+    test_fraction: float = 0.005
+    """``--test-fraction``: share of the documents held out for test (with ``--split``)."""
     max_samples: int | None = None
     """``--max-samples``: stop after this many samples (default: one per meta-document)."""
     seed: int = 1234
@@ -128,6 +145,17 @@ class SynthesisConfig:
         need(self.target_length < 2**31, "--target-length", "must fit an int32 sequence length")
         need(self.granularity >= 16, "--granularity", f"must be >= 16 characters, got {self.granularity}")
         need(self.candidates >= 1, "--candidates", "must be >= 1")
+        need(self.max_candidates >= self.candidates, "--max-candidates",
+             f"must be >= --candidates ({self.candidates}), got {self.max_candidates}")
+        need(self.negative_allocation in NEGATIVE_ALLOCATIONS, "--negative-allocation",
+             f"choose from {NEGATIVE_ALLOCATIONS}")
+        need(self.split in SPLITS, "--split", f"choose from {SPLITS}")
+        need(0.0 <= self.valid_fraction < 1.0, "--valid-fraction", f"must be in [0, 1), got {self.valid_fraction}")
+        need(0.0 <= self.test_fraction < 1.0, "--test-fraction", f"must be in [0, 1), got {self.test_fraction}")
+        need(self.valid_fraction + self.test_fraction < 1.0, "--valid-fraction",
+             "--valid-fraction + --test-fraction must leave documents for training (< 1)")
+        need(self.split != "valid" or self.valid_fraction > 0, "--valid-fraction", "must be > 0 with --split valid")
+        need(self.split != "test" or self.test_fraction > 0, "--test-fraction", "must be > 0 with --split test")
         need(0.0 < self.near_duplicate_threshold <= 1.0, "--near-duplicate-threshold", "must be in (0, 1]")
         need(self.budget in BUDGETS, "--budget", f"choose from {BUDGETS}")
         need(self.paper_w > 0, "--paper-w", "must be > 0")

@@ -194,6 +194,11 @@ def collect(prefix: str | os.PathLike, *, name: str | None = None, seed: int = 0
     rank = sp["rank"].astype(np.int64)[nrows]
     dist["negative_rank"] = rank[rank >= 0]
     num["negative_rank"] = summarize(dist["negative_rank"])
+    num["negatives_by_meta_chunk_position"] = by_meta_chunk_position(s[nrows], mi[nrows], rank, sim, s[meta], mi[meta])
+    num["drop_rate_by_chunks_per_document"] = (paths.section("synthesis_balance") or {}).get(
+        "drop_rate_by_chunks_per_document")
+    if num["drop_rate_by_chunks_per_document"] is None:
+        st.notes.append("manifest has no drop rate by document length (written since --negative-allocation)")
     emb = None
     if paths.embeddings.exists():
         emb = np.load(paths.embeddings, mmap_mode="r")
@@ -267,6 +272,71 @@ def collect(prefix: str | os.PathLike, *, name: str | None = None, seed: int = 0
         leaks[f"negative_near_duplicate_share(sim>={thr:g})"] = frac
     num["leak_indicators"] = leaks
     return st
+
+
+def by_meta_chunk_position(neg_sample: np.ndarray, neg_meta: np.ndarray, rank: np.ndarray, sim: np.ndarray,
+                           meta_sample: np.ndarray, meta_index: np.ndarray) -> dict[str, dict]:
+    """Negatives, mean rank and mean similarity by the index of their meta-chunk (0, 1, ..., the last bucket
+    pooling the rest), and at the first and the last meta-chunk of samples with two or more; the same
+    table as the manifest's ``negatives_by_meta_chunk_position``, recomputed from the spans."""
+    from .assemble import POSITION_BUCKETS
+
+    out: dict[str, dict] = {}
+    n_meta = np.zeros(int(meta_sample.max()) + 1 if len(meta_sample) else 0, dtype=np.int64)
+    if len(meta_sample):
+        np.maximum.at(n_meta, meta_sample, meta_index + 1)
+    p = n_meta[neg_sample] if len(neg_sample) else np.zeros(0, np.int64)
+    b = np.minimum(neg_meta, POSITION_BUCKETS - 1)
+    groups = [(str(i) if i < POSITION_BUCKETS - 1 else f"{i}+", b == i) for i in range(POSITION_BUCKETS)]
+    groups += [("first", (p >= 2) & (neg_meta == 0)), ("last", (p >= 2) & (neg_meta == p - 1))]
+    for name, sel in groups:
+        if not sel.any():
+            continue
+        r = rank[sel]
+        r = r[r >= 0]
+        out[name] = {"negatives": int(sel.sum()), "mean_rank": float(r.mean()) if len(r) else None,
+                     "mean_similarity": float(np.nanmean(sim[sel])) if np.any(~np.isnan(sim[sel])) else None}
+    return out
+
+
+def _position_table(runs: list[RunStats]) -> str:
+    e = html.escape
+    keys: list[str] = []
+    for r in runs:
+        keys += [k for k in (r.numbers.get("negatives_by_meta_chunk_position") or {}) if k not in keys]
+    head = "".join(f"<th colspan=3>{e(r.label)}</th>" for r in runs)
+    sub = "<th>negatives</th><th>mean rank</th><th>mean similarity</th>" * len(runs)
+    rows = []
+    for k in keys:
+        cells = []
+        for r in runs:
+            v = (r.numbers.get("negatives_by_meta_chunk_position") or {}).get(k) or {}
+            cells += [f"<td>{e(_fmt(v.get(c)))}</td>" for c in ("negatives", "mean_rank", "mean_similarity")]
+        rows.append(f"<tr><td>{e(k)}</td>{''.join(cells)}</tr>")
+    return (f'<table id="position"><tr><th rowspan=2>meta-chunk</th>{head}</tr><tr>{sub}</tr>{"".join(rows)}'
+            "</table>")
+
+
+def _drop_table(runs: list[RunStats]) -> str:
+    e = html.escape
+    keys: list[str] = []
+    for r in runs:
+        keys += [k for k in (r.numbers.get("drop_rate_by_chunks_per_document") or {}) if k not in keys]
+    head = "".join(f"<th colspan=3>{e(r.label)}</th>" for r in runs)
+    sub = "<th>meta-documents</th><th>dropped</th><th>drop rate</th>" * len(runs)
+    rows = []
+    for k in keys:
+        cells = []
+        for r in runs:
+            v = (r.numbers.get("drop_rate_by_chunks_per_document") or {}).get(k) or {}
+            dropped = v.get("dropped") or {}
+            why = ", ".join(f"{n} {reason}" for reason, n in dropped.items())
+            n_dropped = sum(dropped.values()) if v else None
+            cells += [f"<td>{e(_fmt(v.get('meta_documents')))}</td>",
+                      f'<td title="{e(why)}">{e(_fmt(n_dropped))}</td>', f"<td>{e(_fmt(v.get('drop_rate')))}</td>"]
+        rows.append(f"<tr><td>{e(k)}</td>{''.join(cells)}</tr>")
+    return (f'<table id="droprate"><tr><th rowspan=2>chunks per document</th>{head}</tr><tr>{sub}</tr>'
+            f'{"".join(rows)}</table>')
 
 
 # --------------------------------------------------------------------------------------------- plotting
@@ -631,6 +701,16 @@ def _page(runs: list[RunStats], verdicts: list[dict | None], figures) -> str:
 <p>Negatives taken from the meta-chunk's own document, identical to it, or near-duplicates of it would let
 the model copy instead of looking back; they should be 0 (self-repeat runs repeat the meta-chunk on purpose).</p>
 <table id="leaks"><tr><th></th>{head}</tr>{"".join(_leak_rows(runs))}</table>
+<h2>Negatives by meta-chunk position</h2>
+<p>Retrieval rank (0 = most similar) and similarity of the negatives by the index of their meta-chunk in the
+document; "first" and "last" compare the two ends of documents with two or more meta-chunks. With
+<code>--negative-allocation even</code> they should be about equal; <code>sequential</code> gives later
+meta-chunks deeper, less similar negatives where candidate lists overlap.</p>
+{_position_table(runs)}
+<h2>Drop rate by meta-document length</h2>
+<p>Meta-documents tried and dropped (hover for the reasons), by their number of chunks. A rate that depends on
+the length skews the dataset towards the lengths that survive.</p>
+{_drop_table(runs)}
 <h2>Configuration</h2>
 <table id="config"><tr><th></th>{head}</tr>{"".join(cfg_rows)}</table>
 {f"<ul>{notes}{failures}</ul>" if notes or failures else ""}

@@ -17,10 +17,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .assemble import ROLE_CODE, ROLE_NEG, ROLES, Dropped, Specials, build_concat, build_nextlong
+from .assemble import ROLE_CODE, ROLE_NEG, ROLES, Dropped, Specials, Tally, build_concat
 from .failpoints import failpoint
 from .indexed import IndexedDatasetWriter, read_indexed, token_dtype_for_vocab, write_index
-from .mining import filter_candidates, retrieve_block
+from .mining import filter_candidates, mine_and_build, retrieve_block
+from .split import allowed_documents
 
 log = logging.getLogger(__name__)
 
@@ -84,28 +85,36 @@ class PartContext:
         self.cfg = cfg
         self.work = work
         self.pool = load_pool(work)
-        self.index = load_index(work / "index.faiss", nprobe=cfg.nprobe) if cfg.method == "nextlong" else None
+        self.allowed_doc = allowed_documents(self.pool, cfg, work)  # None, or bool per document of the run's split
+        heldout = cfg.split in ("valid", "test")  # searched with an ID selector, on CPU (nextlong.mining)
+        self.allowed_chunks = self.allowed_doc[self.pool.chunk_doc] if heldout else None
+        self.n_available = (self.pool.n_chunks if self.allowed_doc is None
+                            else int(np.count_nonzero(self.allowed_doc[self.pool.chunk_doc])))
+        self.index = (load_index(work / "index.faiss", nprobe=cfg.nprobe, use_gpu=False if heldout else None)
+                      if cfg.method == "nextlong" else None)
         self.specials = Specials(*(np.asarray(specials[k], dtype=np.int32) for k in ("bos", "eos", "sep")))
         self.chars_per_token = chars_per_token
         self.token_dtype = token_dtype_for_vocab(vocab_size)
         self._doc_index = None
 
-    def retrieve(self, docs: list[int], adaptive: bool) -> dict:
-        """One batched search for the meta-chunks of ``docs``. With ``adaptive`` (top-k selection only),
-        ask FAISS for about twice the negatives a sample can use instead of ``--candidates``; a document
-        whose shortened list runs out is redone with the full list, so the result is the same."""
+    def retrieve(self, docs: list[int], adaptive: bool, limit: int | None = None) -> dict:
+        """One batched search for the meta-chunks of ``docs``, lists of ``limit`` (default ``--candidates``).
+        With ``adaptive`` (top-k selection only), ask FAISS for about twice the negatives a sample can use
+        instead; a document whose list runs out is redone with wider lists (:func:`nextlong.mining.
+        mine_and_build`), so the result is the same."""
         cfg, pool = self.cfg, self.pool
         meta_ids = np.concatenate([np.arange(pool.doc_first[d], pool.doc_first[d] + pool.doc_nchunks[d])
                                    for d in docs])
         most = int(max(pool.doc_nchunks[d] for d in docs))
         fewest = int(min(pool.doc_nchunks[d] for d in docs))
-        want = cfg.candidates
-        if adaptive:
+        want = limit or cfg.candidates
+        if adaptive and limit is None:
             mean_tokens = max(1.0, float(pool.offsets[-1]) / max(1, pool.n_chunks))
             want = min(cfg.candidates, 2 * int(np.ceil(cfg.target_length / fewest / mean_tokens)) + 32)
-        ids, sims = retrieve_block(pool, self.index, meta_ids, want + most)
-        return {"ids": ids, "sims": sims, "row": {int(c): r for r, c in enumerate(meta_ids)},
-                "truncated": want < cfg.candidates and ids.shape[1] < pool.n_chunks}
+        cap = cfg.max_candidates if cfg.negative_selection == "topk" else cfg.candidates
+        ids, sims = retrieve_block(pool, self.index, meta_ids, want + most, self.allowed_chunks)
+        return {"ids": ids, "sims": sims, "row": {int(c): r for r, c in enumerate(meta_ids)}, "limit": want,
+                "truncated": want < cap and want + most < self.n_available}
 
     def candidates(self, doc: int, retrieved: dict | None, filt: Counter) -> list:
         """Filtered candidate lists of every meta-chunk of ``doc`` (empty for retrieval-free selections)."""
@@ -115,10 +124,11 @@ class PartContext:
         out = []
         for m in range(pool.doc_first[doc], pool.doc_first[doc] + pool.doc_nchunks[doc]):
             r = retrieved["row"][int(m)]
-            c = filter_candidates(pool, int(m), retrieved["ids"][r], retrieved["sims"][r], cfg.candidates,
-                                  cfg.near_duplicate_threshold, retrieved["truncated"])
+            c = filter_candidates(pool, int(m), retrieved["ids"][r], retrieved["sims"][r], retrieved["limit"],
+                                  cfg.near_duplicate_threshold, retrieved["truncated"], self.allowed_doc)
             filt["same_document"] += c.dropped_same_doc
             filt["duplicate"] += c.dropped_duplicate
+            filt["other_split"] += c.dropped_other_split
             out.append(c)
         return out
 
@@ -131,12 +141,14 @@ class PartContext:
             emb = np.add.reduceat(np.asarray(pool.embeddings, dtype=np.float32), pool.doc_first, axis=0)
             emb /= np.maximum(np.linalg.norm(emb, axis=1, keepdims=True), 1e-12)
             self._doc_emb = emb
+            # only documents of the run's split are neighbours (row r of the index is document _doc_ids[r])
+            self._doc_ids = np.arange(pool.n_docs) if self.allowed_doc is None else np.flatnonzero(self.allowed_doc)
             self._doc_index = faiss.IndexFlatIP(emb.shape[1])
-            self._doc_index.add(emb)
-        _, ids = self._doc_index.search(self._doc_emb[docs], min(k, pool.n_docs))
+            self._doc_index.add(np.ascontiguousarray(emb[self._doc_ids]))
+        _, ids = self._doc_index.search(self._doc_emb[docs], min(k, len(self._doc_ids)))
         out = []
         for q, d in enumerate(docs):
-            row = ids[q][ids[q] >= 0]
+            row = self._doc_ids[ids[q][ids[q] >= 0]]
             sims = self._doc_emb[row] @ self._doc_emb[d]
             order = np.lexsort((row, -sims))
             out.append((row[order], sims[order].astype(np.float32)))
@@ -161,6 +173,7 @@ def run_part(ctx: PartContext, unit: str, slots: np.ndarray, slot_start: int, pr
     dropped: Counter[str] = Counter()
     dropped_slots: dict[int, str] = {}
     filt: Counter[str] = Counter()
+    tally = Tally()  # drop rate by document length, negatives by meta-chunk position
     overfill: list[int] = []
     produced = 0
     try:
@@ -176,24 +189,16 @@ def run_part(ctx: PartContext, unit: str, slots: np.ndarray, slot_start: int, pr
                 rng = np.random.default_rng([cfg.seed, slot])
                 try:
                     if cfg.method == "nextlong":
-                        cands = ctx.candidates(d, retrieved, filt)
-                        try:
-                            sample = build_nextlong(pool, cfg, ctx.specials, d, cands, rng, ctx.chars_per_token)
-                        except Dropped as e:
-                            if e.reason != "retry_with_all_candidates":
-                                raise
-                            # the shortened list ran out: redo this document with the full candidate list
-                            filt["adaptive_k_retries"] += 1
-                            cands = ctx.candidates(d, ctx.retrieve([d], adaptive=False), Counter())
-                            rng = np.random.default_rng([cfg.seed, slot])
-                            sample = build_nextlong(pool, cfg, ctx.specials, d, cands, rng, ctx.chars_per_token)
+                        sample = mine_and_build(ctx, d, retrieved, slot, filt)
                     else:
                         sample = build_concat(pool, cfg, ctx.specials, d, neighbours[j] if neighbours else None,
-                                              rng)
+                                              rng, ctx.allowed_doc)
                 except Dropped as e:
                     dropped[e.reason] += 1
                     dropped_slots[b + j] = e.reason
+                    tally.dropped(int(pool.doc_nchunks[d]), e.reason)
                     continue
+                tally.sample(int(pool.doc_nchunks[d]), sample)
                 if "overfill_tokens" in sample.stats:
                     overfill.append(sample.stats["overfill_tokens"])
                 writers["text"].add_document(sample.tokens)
@@ -218,6 +223,7 @@ def run_part(ctx: PartContext, unit: str, slots: np.ndarray, slot_start: int, pr
         "slot_start": slot_start, "slots": len(slots), "samples": produced,
         "dropped": dict(sorted(dropped.items())), "dropped_slots": {str(k): v for k, v in dropped_slots.items()},
         "filtered_candidates": dict(filt), "negative_spans": n_negative, "paper_budget_overfill_tokens": overfill,
+        "balance": tally.to_dict(),
     }
 
 

@@ -185,6 +185,7 @@ def build_manifest(ctx: Ctx) -> dict:
     """The manifest: config, versions, counts that reconcile, per-stage times kept across reruns."""
     import numpy as np
 
+    from ..assemble import merge_tallies
     from ..synthesize import token_dtype_for_vocab
     from . import chunk, embed, synth
     from .base import read_marker
@@ -210,7 +211,7 @@ def build_manifest(ctx: Ctx) -> dict:
     inputs = _input_audit(ctx, chunk_m)
     overfill = [x for m in synth_m for x in m["stats"].get("paper_budget_overfill_tokens", [])]
     filt = {k: sum(m["stats"].get("filtered_candidates", {}).get(k, 0) for m in synth_m)
-            for k in ("same_document", "duplicate", "adaptive_k_retries")}
+            for k in ("same_document", "duplicate", "adaptive_k_retries", "other_split")}
     dropped = ms["dropped"]
     stage_markers = {"chunk": chunk_m, "embed": embed_m, "gather": [gather_m], "index": [index_m],
                      "synth": synth_m, "merge": [merge_m]}
@@ -255,6 +256,11 @@ def build_manifest(ctx: Ctx) -> dict:
             "filtered_candidates": filt,
             "synth_units": {"total": len(synth.units(ctx)), "taken": len(taken_units)},
         },
+        # documents, chunks and tokens per split (--split); None for --split all
+        "split": p["split"],
+        # drop rate by chunks per document; negatives, mean rank and similarity by meta-chunk position; over
+        # every meta-document the synthesis units processed (nextlong.assemble.Tally)
+        "synthesis_balance": merge_tallies([m["stats"].get("balance") for m in synth_m]),
         "paper_budget": None if cfg.budget != "paper" else {
             "samples_overfilled": int(sum(1 for x in overfill if x > 0)),
             "mean_overfill_tokens": float(np.mean(overfill)) if overfill else 0.0,

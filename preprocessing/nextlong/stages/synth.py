@@ -5,8 +5,10 @@ Unit: ``block-XXXXX``, the slots ``[i * --block-docs, (i + 1) * --block-docs)`` 
 order (:func:`nextlong.synthesize.meta_document_order`). Writes ``synth/block-XXXXX_{text,lossweight,label}
 _document.{bin,idx}`` and ``synth/block-XXXXX_spans.parquet`` (:func:`nextlong.synthesize.run_part`).
 Key: the pool (gather) and index keys, the tokenizer, every synthesis setting (target length, method,
-ablations, budget, candidates, threshold, separator, special tokens, seed, mix, ``--block-docs``,
-``--nprobe``, ``--emit-labels``) and the unit's slot range. Not ``--max-samples``: units are run in order
+ablations, negative allocation, budget, candidates and their cap, threshold, separator, special tokens,
+``--split`` and its fractions, seed, mix, ``--block-docs``, ``--nprobe``, ``--emit-labels``) and the unit's
+slot range. With ``--split train|valid|test`` the order holds only that split's meta-documents
+(:mod:`nextlong.split`); the pool and the index are shared by all splits. Not ``--max-samples``: units are run in order
 until the complete leading units hold enough samples (:func:`enough`); not ``--tasks``.
 """
 
@@ -22,9 +24,9 @@ AFTER = ("index",)
 PARALLEL = True
 
 #: settings that change a unit's bytes
-SETTINGS = ("target_length", "candidates", "near_duplicate_threshold", "separator", "bos_token", "eos_token",
-            "budget", "paper_w", "method", "negative_order", "negative_selection", "seed", "block_docs", "nprobe",
-            "emit_labels")
+SETTINGS = ("target_length", "candidates", "max_candidates", "near_duplicate_threshold", "separator", "bos_token",
+            "eos_token", "budget", "paper_w", "method", "negative_order", "negative_selection", "negative_allocation",
+            "split", "valid_fraction", "test_fraction", "seed", "block_docs", "nprobe", "emit_labels")
 
 
 def plan(ctx: Ctx) -> dict:
@@ -32,12 +34,14 @@ def plan(ctx: Ctx) -> dict:
     if "synth_plan" not in ctx.memo:
         from ..pool import load_pool
         from ..readers import parse_input_specs
+        from ..split import allowed_documents, restrict_order, split_counts
         from ..synthesize import meta_document_order, plan_blocks
 
         cfg, tok = ctx.cfg, ctx.tokenizer()
         p = load_pool(ctx.work)
         weights = {s.name: s.weight for s in parse_input_specs(cfg.inputs, cfg.mix, cfg.input_names)}
         order = meta_document_order(p, weights, cfg.seed)
+        order = restrict_order(order, allowed_documents(p, cfg, ctx.work))  # --split
         sep = tok.encode(cfg.separator) if cfg.separator else []
         ctx.memo["synth_plan"] = {
             "order": order, "blocks": plan_blocks(len(order), cfg.block_docs), "weights": weights,
@@ -45,6 +49,7 @@ def plan(ctx: Ctx) -> dict:
             "specials": {"bos": [tok.bos_id] if tok.bos_id is not None else [],
                          "eos": [tok.eos_id] if tok.eos_id is not None else [], "sep": [int(x) for x in sep]},
             "chars_per_token": _chars_per_token(ctx),
+            "split": split_counts(p, cfg, ctx.work) if cfg.split != "all" else None,
         }
     return ctx.memo["synth_plan"]
 
