@@ -207,11 +207,11 @@ def test_wider_lists_keep_short_documents(tmp_path, shared_work, docs_corpus, cl
 
 def test_heldout_splits_share_the_pool_and_never_cross(tmp_path, shared_work, docs_corpus, cl100k_json):
     work = shared_work
-    index_marker = (work / "index.done.json").stat().st_mtime_ns
+    index_marker = (work / "index" / "done" / "faiss.json").stat().st_mtime_ns
     frac = ("--valid-fraction", "0.2", "--test-fraction", "0.2")
     out = {s: _run(tmp_path, work, docs_corpus, cl100k_json, s, "--split", s, *frac, n=8)
            for s in ("train", "valid", "test")}
-    assert (work / "index.done.json").stat().st_mtime_ns == index_marker  # pool and index built once
+    assert (work / "index" / "done" / "faiss.json").stat().st_mtime_ns == index_marker  # pool and index built once
     from nextlong.pool import load_pool
 
     pool = load_pool(work)

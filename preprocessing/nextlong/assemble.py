@@ -471,16 +471,20 @@ class Tally:
         row["dropped"][reason] = row["dropped"].get(reason, 0) + 1
 
     def sample(self, p: int, sample: Sample) -> None:
+        self.spans(p, sample.spans)
+
+    def spans(self, p: int, sp) -> None:
+        """One sample of a ``p``-chunk meta-document, from its span columns (role, meta_index, rank,
+        similarity: arrays of a :class:`Sample`'s spans or columns of its rows in spans.parquet)."""
         row = self._row(p)
         row["meta_documents"] += 1
         row["samples"] += 1
-        sp = sample.spans
-        neg = sp["role"] == ROLE_CODE[ROLE_NEG]
+        neg = np.asarray(sp["role"]) == ROLE_CODE[ROLE_NEG]
         if not neg.any():
             return
-        mi = sp["meta_index"][neg].astype(np.int64)
-        rank = sp["rank"][neg].astype(np.int64)
-        sim = sp["similarity"][neg].astype(np.float64)
+        mi = np.asarray(sp["meta_index"])[neg].astype(np.int64)
+        rank = np.asarray(sp["rank"])[neg].astype(np.int64)
+        sim = np.asarray(sp["similarity"])[neg].astype(np.float64)
         ok = rank >= 0
         b = np.minimum(mi, POSITION_BUCKETS - 1)
         np.add.at(self.pos[:, 0], b, 1)

@@ -85,6 +85,7 @@ def _advice(dropped: dict[str, int]) -> str:
 
 
 def run(ctx: Ctx, unit: Unit) -> dict:
+    from ..assemble import merge_tallies
     from ..synthesize import merge_parts, slots_consumed
 
     cfg = ctx.cfg
@@ -117,5 +118,44 @@ def run(ctx: Ctx, unit: Unit) -> dict:
         processed += used
         for r, k in drops.items():
             dropped_used[r] = dropped_used.get(r, 0) + k
+    balance = [m["stats"].get("balance") if n >= m["stats"]["samples"] else _partial_balance(ctx, u, m, n)
+               for u, m, n in zip(units_, markers, merged["takes"], strict=True)]
     return {"samples": merged["samples"], "tokens": merged["tokens"], "units": len(units_),
-            "meta_documents_processed": processed, "dropped": dict(sorted(dropped_used.items()))}
+            "meta_documents_processed": processed, "dropped": dict(sorted(dropped_used.items())),
+            "balance": merge_tallies(balance)}
+
+
+def _partial_balance(ctx: Ctx, unit: Unit, marker: dict, samples: int) -> dict:
+    """The balance tally of the first ``samples`` samples of a unit the merge cuts (``--max-samples``), and
+    of the meta-documents dropped before them, from the unit's spans and its dropped slots: the manifest
+    describes exactly the published samples."""
+    import numpy as np
+    import pyarrow.compute as pc
+    import pyarrow.parquet as pq
+
+    from ..assemble import ROLE_CODE, Tally
+    from ..pool import load_pool
+    from ..synthesize import unit_paths
+
+    pool = load_pool(ctx.work)
+    order = synth.plan(ctx)["order"]
+    a, _ = unit.data
+    table = pq.read_table(unit_paths(ctx.work, unit.name)["spans"],
+                          columns=["sample", "role", "meta_index", "rank", "similarity"])
+    table = table.filter(pc.less(table["sample"], samples))
+    cols = {k: table[k].to_numpy(zero_copy_only=False) for k in ("sample", "meta_index", "rank", "similarity")}
+    # roles are names in spans.parquet, codes in a sample's spans
+    cols["role"] = np.asarray([ROLE_CODE[r] for r in table["role"].to_pylist()], dtype=np.int8)
+    bounds = np.searchsorted(cols["sample"], np.arange(samples + 1))  # rows are in sample order
+    dropped_at = {int(k): v for k, v in marker["stats"].get("dropped_slots", {}).items()}
+    tally, made, pos = Tally(), 0, 0
+    while made < samples:
+        p = int(pool.doc_nchunks[order[a + pos]])
+        if pos in dropped_at:
+            tally.dropped(p, dropped_at[pos])
+        else:
+            lo, hi = bounds[made], bounds[made + 1]
+            tally.spans(p, {k: v[lo:hi] for k, v in cols.items()})
+            made += 1
+        pos += 1
+    return tally.to_dict()

@@ -185,7 +185,6 @@ def build_manifest(ctx: Ctx) -> dict:
     """The manifest: config, versions, counts that reconcile, per-stage times kept across reruns."""
     import numpy as np
 
-    from ..assemble import merge_tallies
     from ..synthesize import token_dtype_for_vocab
     from . import chunk, embed, synth
     from .base import read_marker
@@ -258,9 +257,9 @@ def build_manifest(ctx: Ctx) -> dict:
         },
         # documents, chunks and tokens per split (--split); None for --split all
         "split": p["split"],
-        # drop rate by chunks per document; negatives, mean rank and similarity by meta-chunk position; over
-        # every meta-document the synthesis units processed (nextlong.assemble.Tally)
-        "synthesis_balance": merge_tallies([m["stats"].get("balance") for m in synth_m]),
+        # drop rate by chunks per document; negatives, mean rank and similarity by meta-chunk position: the
+        # published samples and the meta-documents dropped among them (nextlong.assemble.Tally)
+        "synthesis_balance": ms.get("balance"),
         "paper_budget": None if cfg.budget != "paper" else {
             "samples_overfilled": int(sum(1 for x in overfill if x > 0)),
             "mean_overfill_tokens": float(np.mean(overfill)) if overfill else 0.0,
