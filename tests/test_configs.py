@@ -170,6 +170,19 @@ def test_default_paths_are_relative_and_documented(recipe: str) -> None:
     assert "relative to" in header and "site file" in header
 
 
+@pytest.mark.parametrize("name", ["llama3_128k.yml", "llama3_512k.yml", "site_example.yml", "site_example_512k.yml"])
+def test_valid_and_test_read_the_held_out_splits(name: str) -> None:
+    """Validation and test read the valid and test splits that launch/synth_common.sh writes (<OUT>_valid,
+    <OUT>_test of the training prefix): never the training data, never each other."""
+    cfg = nc.read_config(CONFIGS / name)
+    train, valid, test = (cfg[f"{s}_data_paths"] for s in ("train", "valid", "test"))
+    suffix = "_text_document"
+    stems = {p[: -len(suffix)] for p in train}
+    assert valid and all(p.endswith("_valid" + suffix) and p[: -len("_valid" + suffix)] in stems for p in valid)
+    assert test and all(p.endswith("_test" + suffix) and p[: -len("_test" + suffix)] in stems for p in test)
+    assert not (set(train) & set(valid) or set(valid) & set(test) or set(train) & set(test))
+
+
 def test_site_file_replaces_paths_and_refuses_architecture(tmp_path: Path) -> None:
     env = {"NEXTLONG_DATA": "/d", "NEXTLONG_CKPT": "/c", "NEXTLONG_LOGS": "/l"}
     recipe = nc.read_config(CONFIGS / "llama3_128k.yml")
