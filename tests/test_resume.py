@@ -278,8 +278,10 @@ import os, re, subprocess, sys
 args = sys.argv[1:]
 script = args[-1]
 text = open(script).read()
-m = re.search(r"^#SBATCH --array=(\\d+)-(\\d+)", text, re.M)
-tasks = range(int(m[1]), int(m[2]) + 1) if m else [None]
+m = re.search(r"^#SBATCH --array=(\\S+)", text, re.M)
+tasks = [None]
+if m:  # Slurm's syntax: 0-2,5,7-8
+    tasks = [i for part in m[1].split(",") for i in range(int(part.split("-")[0]), int(part.split("-")[-1]) + 1)]
 with open(os.environ["FAKE_SBATCH_LOG"], "a") as log:
     log.write(" ".join(args) + "\\n")
 for i in tasks:
@@ -319,10 +321,22 @@ def test_slurm_executor_chain_gives_identical_bytes(tmp_path, corpus, cl100k_jso
     assert _bytes(prefix) == _bytes(one_task)
     # resubmitting the finished chain would submit no job for the complete pool stages
     from nextlong.cli import build_parser, config_from_args
-    from nextlong.slurm import complete_at_submit
+    from nextlong.slurm import array_spec, complete_at_submit, pending_tasks
 
-    assert complete_at_submit(config_from_args(build_parser().parse_args(argv))) == {"chunk", "embed", "gather",
-                                                                                      "index"}
+    cfg = config_from_args(build_parser().parse_args(argv))
+    assert complete_at_submit(cfg) == {"chunk", "embed", "gather", "index", "synth"}
+    # a lost unit: only the array task that owns it is submitted again
+    markers = sorted((tmp_path / "nl.work" / "synth" / "done").glob("block-*.json"))
+    assert len(markers) >= 2
+    markers[-1].unlink()
+    owner = (len(markers) - 1) % 2
+    assert pending_tasks(cfg) == {"chunk": [], "embed": [], "gather": [], "index": [], "synth": [owner]}
+    log.write_text("")
+    assert main(argv) == 0
+    assert [c.rsplit("/", 1)[-1] for c in log.read_text().splitlines()] == ["synth.sbatch", "merge.sbatch"]
+    assert f"#SBATCH --array={owner}\n" in (tmp_path / "nl.work" / "slurm" / "synth.sbatch").read_text()
+    assert _bytes(prefix) == _bytes(one_task)
+    assert array_spec([0, 1, 2, 5, 7, 8]) == "0-2,5,7-8" and array_spec([3]) == "3"
 
 
 def test_failed_verification_puts_the_previous_dataset_back(tmp_path, corpus, cl100k_json, one_task, monkeypatch):

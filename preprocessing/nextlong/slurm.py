@@ -4,10 +4,12 @@
       -> synth (array: --tasks) -> merge + publish + verify (1 task)
 
 Every array task runs the same command as the local run, plus ``--stage S --task-index $SLURM_ARRAY_TASK_ID``:
-it does the units ``j`` with ``j mod --tasks == i`` that are not done and intact, and exits. A stage whose
-units are all complete when the chain is submitted gets no job. A preempted or failed task is simply rerun
-(``--requeue``); the chain can also be resubmitted as a whole and only the missing units run. The submitted
-scripts, the job ids and the per-task logs stay under ``<work>/slurm/``; ``--status`` lists what is done.
+it does the units ``j`` with ``j mod --tasks == i`` that are not done and intact, and exits. Only the tasks
+that own an unfinished unit at submission are in the array (every task when the units are not known yet: the
+synthesis units exist once the pool does); a stage whose units are all complete gets no job. A preempted or
+failed task is simply rerun (``--requeue``); the chain can also be resubmitted as a whole and only the missing
+units run. The submitted scripts, the job ids and the per-task logs stay under ``<work>/slurm/``; ``--status``
+lists what is done.
 """
 
 from __future__ import annotations
@@ -58,32 +60,54 @@ STAGE_CHAIN = (
 )
 
 
-def complete_at_submit(cfg) -> set[str]:
-    """Stages whose units are all complete now (sizes checked): they get no job."""
+def pending_tasks(cfg) -> dict[str, list[int] | None]:
+    """Per stage before the merge: the array task indices (``j mod --tasks``; 0 for a one-task stage) that own
+    at least one unit not done now (markers and sizes checked), or None when the units cannot be known yet
+    (the synthesis plan needs the pool): then every task. An empty list: the stage is complete and gets no job."""
     from .pipeline import _load_tok
     from .stages.base import Ctx
     from .stages.registry import ORDER
     from .stages.runner import plan_stage
 
+    names = ORDER[: ORDER.index("merge")]
     work = Path(cfg.resolved_work_dir)
     if not work.is_dir():
-        return set()
+        return dict.fromkeys(names)
     tok = _load_tok(cfg)
     ctx = Ctx(cfg, work, tok)
     ctx.shared["tokenizer_sha256"] = tok.sha256
-    done: set[str] = set()
-    for name in ORDER[:4]:  # later stages are never skipped: the publish must run
+    arrays = {s for s, is_array in STAGE_CHAIN if is_array}
+    out: dict[str, list[int] | None] = {}
+    for name in names:
         try:
             rows = plan_stage(ctx, name, verify_files=False)
-        except (OSError, ValueError, RuntimeError):
-            break
-        if not rows or any(r["marker"] is None for r in rows):
-            break
-        done.add(name)
-    return done
+        except (OSError, ValueError, RuntimeError, KeyError):
+            rows = None  # an earlier stage's output is missing: its units are not known yet
+        if rows is None:
+            out[name] = None
+        else:
+            out[name] = sorted({r["index"] % cfg.tasks if name in arrays else 0 for r in rows if r["marker"] is None})
+    return out
 
 
-def _script(stage: str, array: int | None, command: list[list[str]], opts: SlurmOptions, log_dir: Path,
+def complete_at_submit(cfg) -> set[str]:
+    """Stages whose units are all complete now (sizes checked): they get no job."""
+    return {name for name, tasks in pending_tasks(cfg).items() if tasks == []}
+
+
+def array_spec(tasks: list[int]) -> str:
+    """Slurm's ``--array`` syntax for task indices: ``[0, 1, 2, 5, 7, 8]`` -> ``0-2,5,7-8``."""
+    parts, i = [], 0
+    while i < len(tasks):
+        j = i
+        while j + 1 < len(tasks) and tasks[j + 1] == tasks[j] + 1:
+            j += 1
+        parts.append(str(tasks[i]) if i == j else f"{tasks[i]}-{tasks[j]}")
+        i = j + 1
+    return ",".join(parts)
+
+
+def _script(stage: str, array: list[int] | None, command: list[list[str]], opts: SlurmOptions, log_dir: Path,
             job_name: str) -> str:
     lines = ["#!/bin/bash", f"#SBATCH --job-name={job_name}-{stage}",
              f"#SBATCH --output={log_dir}/%x-%A_%a.out" if array else f"#SBATCH --output={log_dir}/%x-%j.out",
@@ -98,7 +122,7 @@ def _script(stage: str, array: int | None, command: list[list[str]], opts: Slurm
     if opts.account:
         lines.append(f"#SBATCH --account={opts.account}")
     if array:
-        lines.append(f"#SBATCH --array=0-{array - 1}")
+        lines.append(f"#SBATCH --array={array_spec(array)}")
     lines += [f"#SBATCH {x}" for x in opts.extra]
     lines += ["", "set -euo pipefail", 'export OMP_NUM_THREADS="${SLURM_CPUS_PER_TASK:-1}"', ""]
     for cmd in command:
@@ -117,11 +141,14 @@ def submit(cfg, base_argv: list[str], opts: SlurmOptions, job_name: str = "nextl
     sbatch = os.environ.get("NEXTLONG_SBATCH", opts.sbatch)
     ids: dict[str, str] = {}
     prev: str | None = None
-    skip = complete_at_submit(cfg)
+    pending = pending_tasks(cfg)
     for stage, is_array in STAGE_CHAIN:
-        if stage in skip:
+        tasks = pending.get(stage)
+        if tasks == []:
             log.info("%s: every unit is complete; no job", stage)
             continue
+        if is_array and tasks is not None and len(tasks) < cfg.tasks:
+            log.info("%s: array tasks %s of %d own unfinished units", stage, array_spec(tasks), cfg.tasks)
         if stage == "merge":
             cmds = [[py, script, *base_argv, "--stage", "merge", "--no-progress"],
                     [py, script, *base_argv, "--stage", "publish", "--no-progress"]]
@@ -130,7 +157,8 @@ def submit(cfg, base_argv: list[str], opts: SlurmOptions, job_name: str = "nextl
                      "--no-progress"]]
         else:
             cmds = [[py, script, *base_argv, "--stage", stage, "--no-progress"]]
-        text = _script(stage, cfg.tasks if is_array else None, cmds, opts, log_dir, job_name)
+        array = (tasks if tasks is not None else list(range(cfg.tasks))) if is_array else None
+        text = _script(stage, array, cmds, opts, log_dir, job_name)
         # ${SLURM_ARRAY_TASK_ID} must reach bash unquoted
         text = text.replace("'${SLURM_ARRAY_TASK_ID}'", '"${SLURM_ARRAY_TASK_ID}"')
         path = sdir / f"{stage}.sbatch"

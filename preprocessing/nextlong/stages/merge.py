@@ -5,7 +5,7 @@ Unit: the whole output (``dataset``). Writes a complete new dataset version
 ``<name>_spans.parquet`` and ``<name>_rejects.jsonl``: every byte copied (no file shares an inode with the
 work directory), nothing visible under the final names until ``publish`` switches to it.
 Key: the keys of the synthesis units it takes (in order), ``--max-samples``, ``--emit-labels`` and the
-output name.
+output prefix (absolute: runs to other prefixes may share the work directory).
 """
 
 from __future__ import annotations
@@ -51,7 +51,9 @@ def taken(ctx: Ctx) -> tuple[list[Unit], list[dict]]:
 def key(ctx: Ctx, unit: Unit) -> dict:
     units_, markers = taken(ctx)
     return {"units": [m["key_hash"] for m in markers], "max_samples": ctx.cfg.max_samples,
-            "emit_labels": ctx.cfg.emit_labels, "name": Path(ctx.cfg.output_prefix).name}
+            "emit_labels": ctx.cfg.emit_labels,
+            # the whole output prefix: runs to other prefixes may share the work directory
+            "output_prefix": str(Path(ctx.cfg.output_prefix).resolve())}
 
 
 def data_root(cfg) -> Path:
