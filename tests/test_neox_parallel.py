@@ -12,16 +12,31 @@ tensor-parallel rank its slice, so the TP 2 model equals the TP 1 model) for 2 s
   and the two models are different functions (a property of GPT-NeoX's layout, not of the loss). On each of the two
   ranks the labels and weights the loss received equal the ones cut here from the ``.bin`` files (mask shifted
   like the labels), and the two vocabulary halves of the logits, put together, recompute the logged loss.
-* **PP 2** (``pipe_parallel_size: 2``, one transformer layer per stage): the loss, labels and mask exist only on
-  the last stage (rank 1). There the labels and weights equal the data and the logits recompute the logged step-1
-  loss; stage 0 computes no loss. Equality with a single-rank run cannot be established with GPT-NeoX ea7aefd8 +
-  DeeperSpeed 91d1c55b on CPU, for two reasons seen here: (1) DeepSpeed's ``PipelineModule`` builds only its
-  stage's layers and GPT-NeoX passes ``seed_layers=False``, so stage 1's initial weights come from another part
-  of the random stream than in a single process; (2) starting both runs from one checkpoint with weights only
-  (``finetune: true``) stopped in ``deepspeed/runtime/engine.py`` with ``AttributeError: 'FusedAdam' object has
-  no attribute 'refresh_fp32_params'`` (fp32 without ZeRO, the set-up that runs on CPU here; ``no_load_optim``
-  takes the same ``load_module_only`` path in ``megatron/checkpointing.py``). The single-rank
-  ``pipe_parallel_size: 1`` run is printed beside it.
+* **PP 2** (``pipe_parallel_size: 2``, one transformer layer per stage): the step-1 loss equals the single-rank
+  run's (``pipe_parallel_size: 1``, a one-stage ``PipelineModule``) when both start from the same weights. A fresh
+  PP 2 run cannot: DeepSpeed's ``PipelineModule`` builds only its stage's layers and GPT-NeoX passes
+  ``seed_layers=False``, so stage 1's initial weights come from another part of the random stream than in one
+  process. So the single-rank run saves its initial weights before it trains (``extra_save_iters: [0]``; per-layer
+  files ``layer_XX-model_00-model_states.pt``, the same for any PP degree), and the PP 2 run loads them with
+  weights only (``finetune: true``: iteration 0, so the same batches; a fresh optimizer and schedule, as in the
+  single-rank run); a PP 1 run loading them too is the control that loading changes nothing. With fp32 and ZeRO 0
+  that load stopped in ``deepspeed/runtime/engine.py`` with ``AttributeError: 'FusedAdam' object has no attribute
+  'refresh_fp32_params'`` (DeepSpeed's ``load_module_only`` path; DeepSpeed issue #7132, not CPU-specific: fp32
+  without ZeRO fails the same way on a GPU, while bf16/fp16/ZeRO, as in the recipes, wrap the optimizer in a class
+  that has the method). ``neox_plugin.cpu`` gives a plain optimizer whose parameters are the module's a no-op
+  ``refresh_fp32_params`` (the load overwrote those parameters in place); ``test_deepspeed_fp32_weights_only_load``
+  shows the error without it and the restored weights with it on real DeepSpeed. Checked: every stage loaded the
+  step-0 weights through that patch; the loss is computed only on the last stage (rank 1) and never on stage 0
+  (rank 0, where the one-stage run computes it); there the labels and weights equal the ones cut from the ``.bin``
+  files (the mask reaches stage 1 aligned with the tokens) and the logits recompute the logged loss; the step-1
+  labels, weights and logits equal the single-rank run's; the logged step-1 loss equals it within 2e-6 relative
+  (GPT-NeoX logs 7 significant digits) and step 2 within 1e-5 (a backward pass through both stages and a clip by
+  the gradient norm summed over both). Tolerance: both layouts run the same fp32 kernels on the same batch, and
+  stage 0's output reaches stage 1 as an exact fp32 copy (gloo send/receive), so the expected difference is 0;
+  the logits may differ by 1e-5 (a few ulps) for a BLAS that splits a product differently. Measured (2 CPU
+  cores, GPT-NeoX ea7aefd8, DeeperSpeed 91d1c55b): lm_loss by step PP 1 {1: 11.67664, 2: 11.70846}, PP 1 from its
+  step-0 weights the same, PP 2 from them the same; step 1 recomputed from the last stage's logits 11.676638 in
+  both layouts; the step-1 logits of PP 2 and PP 1 are bitwise equal (max difference 0.0).
 * TP 2 x PP 2 needs 4 processes, more than this CPU test runs; the recipes' TP 4 / TP 8 x PP 2 need GPUs.
 """
 
@@ -54,6 +69,32 @@ LOGIT_ABS = 1e-5  # fp32 logits (|x| < 20) of the same model and batch: a few ul
 REFRESH_NOTE = "fp32 optimizer: refresh_fp32_params is a no-op"  # neox_plugin.cpu.REFRESH_NOTE
 
 
+DS_LOAD_PROBE = """
+import json, os, tempfile
+import torch
+import deepspeed
+
+torch.manual_seed(0)
+model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.Linear(4, 2))
+cfg = {"train_batch_size": 1, "optimizer": {"type": "Adam", "params": {"lr": 0.1}}, "zero_optimization": {"stage": 0}}
+engine, _, _, _ = deepspeed.initialize(model=model, model_parameters=model.parameters(), config=cfg)
+out = {"optimizer": type(engine.optimizer).__name__}
+ckpt = tempfile.mkdtemp()
+engine.save_checkpoint(ckpt, tag="t0")
+saved = [p.detach().clone() for p in engine.module.parameters()]
+with torch.no_grad():
+    for p in engine.module.parameters():
+        p.add_(1.0)
+try:
+    engine.load_checkpoint(ckpt, tag="t0", load_optimizer_states=False, load_lr_scheduler_states=False,
+                           load_module_only=True)
+    out["restored"] = all(torch.equal(a, b) for a, b in zip(saved, engine.module.parameters()))
+except AttributeError as e:
+    out["error"] = str(e)
+print("PROBE " + json.dumps(out))
+"""
+
+
 def _smoke():
     spec = importlib.util.spec_from_file_location("neox_cpu_smoke", REPO / "launch" / "neox_cpu_smoke.py")
     mod = importlib.util.module_from_spec(spec)
@@ -67,6 +108,24 @@ def data(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("neox_parallel")
     tok, text, mask = smoke.make_data(root, 512, 24)
     return {"root": root, "tok": tok, "text": text, "mask": mask, "smoke": smoke}
+
+
+@pytest.mark.parametrize("cpu", ["0", "1"])
+def test_deepspeed_fp32_weights_only_load(cpu: str) -> None:
+    """Real DeepSpeed on its CPU accelerator, fp32, ZeRO 0: ``load_module_only`` fails without the CPU patch
+    (DeepSpeed's bug, not the CPU's) and restores the saved weights with it."""
+    env = dict(os.environ, NEXTLONG_NEOX_CPU=cpu, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1",
+               MASTER_PORT=str(_smoke().free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
+               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "preprocessing")]))
+    proc = subprocess.run([NEOX_PYTHON, "-c", DS_LOAD_PROBE], capture_output=True, text=True, env=env,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    out = json.loads(next(x for x in proc.stdout.splitlines() if x.startswith("PROBE "))[6:])
+    if cpu == "1":
+        assert out == {"optimizer": "FusedAdam", "restored": True}
+        assert REFRESH_NOTE in proc.stderr
+    else:
+        assert out == {"optimizer": "FusedAdam", "error": "'FusedAdam' object has no attribute 'refresh_fp32_params'"}
 
 
 def _train(d: dict, name: str, ranks: int, **changes) -> dict:
