@@ -16,27 +16,28 @@ tensor-parallel rank its slice, so the TP 2 model equals the TP 1 model) for 2 s
   run's (``pipe_parallel_size: 1``, a one-stage ``PipelineModule``) when both start from the same weights. A fresh
   PP 2 run cannot: DeepSpeed's ``PipelineModule`` builds only its stage's layers and GPT-NeoX passes
   ``seed_layers=False``, so stage 1's initial weights come from another part of the random stream than in one
-  process. So the single-rank run saves its initial weights before it trains (``extra_save_iters: [0]``; per-layer
-  files ``layer_XX-model_00-model_states.pt``, the same for any PP degree), and the PP 2 run loads them with
-  weights only (``finetune: true``: iteration 0, so the same batches; a fresh optimizer and schedule, as in the
-  single-rank run); a PP 1 run loading them too is the control that loading changes nothing. With fp32 and ZeRO 0
-  that load stopped in ``deepspeed/runtime/engine.py`` with ``AttributeError: 'FusedAdam' object has no attribute
-  'refresh_fp32_params'`` (DeepSpeed's ``load_module_only`` path; DeepSpeed issue #7132, not CPU-specific: fp32
-  without ZeRO fails the same way on a GPU, while bf16/fp16/ZeRO, as in the recipes, wrap the optimizer in a class
-  that has the method). ``neox_plugin.cpu`` gives a plain optimizer whose parameters are the module's a no-op
-  ``refresh_fp32_params`` (the load overwrote those parameters in place); ``test_deepspeed_fp32_weights_only_load``
-  shows the error without it and the restored weights with it on real DeepSpeed. Checked: every stage loaded the
-  step-0 weights through that patch; the loss is computed only on the last stage (rank 1) and never on stage 0
-  (rank 0, where the one-stage run computes it); there the labels and weights equal the ones cut from the ``.bin``
-  files (the mask reaches stage 1 aligned with the tokens) and the logits recompute the logged loss; the step-1
-  labels, weights and logits equal the single-rank run's; the logged step-1 loss equals it within 2e-6 relative
-  (GPT-NeoX logs 7 significant digits) and step 2 within 1e-5 (a backward pass through both stages and a clip by
-  the gradient norm summed over both). Tolerance: both layouts run the same fp32 kernels on the same batch, and
-  stage 0's output reaches stage 1 as an exact fp32 copy (gloo send/receive), so the expected difference is 0;
-  the logits may differ by 1e-5 (a few ulps) for a BLAS that splits a product differently. Measured (2 CPU
-  cores, GPT-NeoX ea7aefd8, DeeperSpeed 91d1c55b): lm_loss by step PP 1 {1: 11.67664, 2: 11.70846}, PP 1 from its
-  step-0 weights the same, PP 2 from them the same; step 1 recomputed from the last stage's logits 11.676638 in
-  both layouts; the step-1 logits of PP 2 and PP 1 are bitwise equal (max difference 0.0).
+  process (a fresh PP 2 run logged step-1 lm_loss 11.70776 against the single-rank 11.67664). So the single-rank run
+  saves its initial weights before it trains (``extra_save_iters: [0]``; per-layer files
+  ``layer_XX-model_00-model_states.pt``, the same for any PP degree), and the PP 2 run loads them with weights only
+  (``finetune: true``: iteration 0, so the same batches; a fresh optimizer and schedule, as in the single-rank run);
+  a PP 1 run loading them too is the control that loading changes nothing. With fp32 and ZeRO 0 that load stopped in
+  ``deepspeed/runtime/engine.py`` with ``AttributeError: 'FusedAdam' object has no attribute 'refresh_fp32_params'``
+  (DeepSpeed's ``load_module_only`` path; DeepSpeed issue #7132, not CPU-specific: fp32 without ZeRO fails the same
+  way on a GPU, while bf16/fp16/ZeRO, as in the recipes, wrap the optimizer in a class that has the method).
+  ``neox_plugin.cpu`` gives a plain optimizer whose parameters are the module's a no-op ``refresh_fp32_params`` (the
+  load overwrote those parameters in place); ``test_deepspeed_fp32_weights_only_load`` shows the error without it
+  and the restored weights with it on real DeepSpeed. Checked: every stage loaded the step-0 weights through that
+  patch; the loss is computed only on the last stage (rank 1) and never on stage 0 (rank 0, where the one-stage run
+  computes it); there the labels and weights equal the ones cut from the ``.bin`` files (the mask reaches stage 1
+  aligned with the tokens) and the logits recompute the logged loss; the step-1 labels, weights and logits equal the
+  single-rank run's; the logged step-1 loss equals it within 2e-6 relative (GPT-NeoX logs 7 significant digits) and
+  step 2 within 1e-5 (a backward pass through both stages and a clip by the gradient norm summed over both).
+  Tolerance: both layouts run the same fp32 kernels on the same batch, and stage 0's output reaches stage 1 as an
+  exact fp32 copy (gloo send/receive), so the expected difference is 0; the logits may differ by 1e-5 (a few ulps)
+  for a BLAS that splits a product differently. Measured (2 CPU cores, GPT-NeoX ea7aefd8, DeeperSpeed 91d1c55b):
+  lm_loss by step PP 1 {1: 11.67664, 2: 11.70846}, PP 1 from its step-0 weights the same, PP 2 from them the same;
+  step 1 recomputed from the last stage's logits 11.676638 in both layouts; the step-1 logits of PP 2 and PP 1 are
+  bitwise equal (max difference 0.0).
 * TP 2 x PP 2 needs 4 processes, more than this CPU test runs; the recipes' TP 4 / TP 8 x PP 2 need GPUs.
 """
 
