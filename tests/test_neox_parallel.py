@@ -115,9 +115,10 @@ def data(tmp_path_factory) -> dict:
 def test_deepspeed_fp32_weights_only_load(cpu: str) -> None:
     """Real DeepSpeed on its CPU accelerator, fp32, ZeRO 0: ``load_module_only`` fails without the CPU patch
     (DeepSpeed's bug, not the CPU's) and restores the saved weights with it."""
-    env = dict(os.environ, NEXTLONG_NEOX_CPU=cpu, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1",
-               MASTER_PORT=str(_smoke().free_port()), RANK="0", LOCAL_RANK="0", WORLD_SIZE="1",
-               PYTHONPATH=os.pathsep.join([str(REPO), str(REPO / "preprocessing")]))
+    smoke = _smoke()
+    env = smoke.neox_env(NEOX_PYTHON, None)  # as the GPT-NeoX runs: this checkout first, the environment's PATH
+    env.update(NEXTLONG_NEOX_CPU=cpu, DS_ACCELERATOR="cpu", MASTER_ADDR="127.0.0.1", MASTER_PORT=str(smoke.free_port()),
+               RANK="0", LOCAL_RANK="0", WORLD_SIZE="1")
     proc = subprocess.run([NEOX_PYTHON, "-c", DS_LOAD_PROBE], capture_output=True, text=True, env=env,
                           timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
