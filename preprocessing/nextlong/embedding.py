@@ -197,7 +197,8 @@ class SentenceTransformerEmbedder(Embedder):
     * texts are sorted by token count and packed into batches of at most ``batch_tokens`` padded tokens;
     * the transformer runs in ``precision`` (``auto``: bf16 on CUDA and on CPUs with native bf16, else fp32)
       with the model's attention implementation (SDPA, or flash attention where installed); pooling and
-      normalization run in float32;
+      normalization run in float32; on a CPU in bf16 the linear layers run as oneDNN matmuls on weights packed
+      once, with the bias, a BERT-style GELU and residual add fused in (:mod:`nextlong.embed_fused`; ``fuse``);
     * the next batch is tokenized in a background thread while the current one runs;
     * texts longer than the model's ``max_seq_length`` (``sentence_bert_config.json``) are truncated,
       counted and reported.
@@ -205,7 +206,7 @@ class SentenceTransformerEmbedder(Embedder):
 
     def __init__(self, model: str, batch_size: int = 1024, device: str | None = None,
                  max_seq_length: int | None = None, trust_remote_code: bool = False, precision: str = "auto",
-                 batch_tokens: int = 16384, threads: int = 0):
+                 batch_tokens: int = 16384, threads: int = 0, fuse: bool = True):
         try:
             import torch
             from sentence_transformers import SentenceTransformer
@@ -239,6 +240,13 @@ class SentenceTransformerEmbedder(Embedder):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
         self._dtype = dtype
         self.model[0].to(dtype)
+        # CPU bf16: linear layers as oneDNN matmuls on weights packed once, bias / GELU / residual add fused in
+        self.fused: dict = {}
+        auto = getattr(self.model[0], "auto_model", None)
+        if fuse and self.device == "cpu" and self.precision == "bf16" and isinstance(auto, torch.nn.Module):
+            from .embed_fused import fuse_cpu_bf16
+
+            self.fused = {k: v for k, v in fuse_cpu_bf16(auto).items() if v}
         self.name = model
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
@@ -246,14 +254,13 @@ class SentenceTransformerEmbedder(Embedder):
         self.batch_tokens = batch_tokens
         self.max_seq_length = int(self.model.max_seq_length)
         self.threads = torch.get_num_threads()
-        auto = getattr(self.model[0], "auto_model", None)
         self.attention = getattr(getattr(auto, "config", None), "_attn_implementation", None) or "unknown"
         self.last_stats: dict = {}
 
     def describe(self) -> dict:
         return {"name": self.name, "dim": self.dim, "device": self.device, "precision": self.precision,
                 "batch_tokens": self.batch_tokens, "max_batch_size": self.batch_size,
-                "max_seq_length": self.max_seq_length, "attention": self.attention,
+                "max_seq_length": self.max_seq_length, "attention": self.attention, "fused_modules": self.fused,
                 "torch_threads": self.threads if self.device == "cpu" else None}
 
     def _preprocess(self, texts: list[str]) -> dict:
