@@ -138,7 +138,8 @@ def _is_exact_gelu(act: nn.Module) -> bool:
 
 def fuse_cpu_bf16(model: nn.Module) -> dict:
     """Swap ``model``'s recognised modules (already in bf16, on CPU, in eval mode) for fused ones, in place.
-    Returns counts: ``attention`` (self-attention layers), ``linear`` (plain packed), ``gelu`` (intermediate layers), ``residual`` (output layers)."""
+    Returns counts: ``attention`` (self-attention layers), ``linear`` (plain packed), ``gelu`` (intermediate
+    layers), ``residual`` (output layers)."""
     counts = {"attention": 0, "linear": 0, "gelu": 0, "residual": 0}
     if not fused_ops_available():
         return counts
