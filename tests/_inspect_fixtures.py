@@ -279,7 +279,7 @@ def build_dataset(
         "counts": {"documents_in": len(docs), "documents_per_input": per_input,
                    "inputs_rejected": {"empty_document": 1}, "chunks": len(texts),
                    "samples_out": n_samples, "tokens_out": total_tokens, "dropped": dropped},
-        "stage_seconds": {"chunk": 0.1, "embed": 0.2, "gather": 0.01, "index": 0.01, "synthesize": 0.3,
+        "stage_seconds": {"chunk": 0.1, "embed": 0.2, "gather": 0.01, "index": 0.01, "synth": 0.3,
                           "merge": 0.01},
     }
     Path(f"{prefix}_manifest.json").write_text(json.dumps(manifest, indent=1), encoding="utf-8")

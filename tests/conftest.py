@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 
@@ -14,15 +15,16 @@ for _p in (ROOT, PREPROCESSING):  # `import neox_plugin` and `import nextlong` w
     if str(_p) not in sys.path:
         sys.path.insert(0, str(_p))
 
-#: real corpora, present in CI beside the project, absent on a user's fresh machine
-SHARED_DATA = ROOT.parent / "shared" / "data"
+#: real corpora: the folder NEXTLONG_TEST_DATA names, else ../shared/data beside the clone (where CI keeps them);
+#: absent on a user's fresh machine, and the tests that need them skip
+SHARED_DATA = Path(os.environ.get("NEXTLONG_TEST_DATA") or ROOT.parent / "shared" / "data")
 OPENSTAX = SHARED_DATA / "openstax_textbooks.jsonl.gz"
 
 
 @pytest.fixture(scope="session")
 def openstax_path() -> Path:
     if not OPENSTAX.exists():
-        pytest.skip(f"real corpus not present ({OPENSTAX.name}); this test needs ../shared/data")
+        pytest.skip(f"real corpus not present: {OPENSTAX.name} (set NEXTLONG_TEST_DATA to its folder)")
     return OPENSTAX
 
 

@@ -135,8 +135,16 @@ def test_numbers_on_pipeline_output(pipeline_run: Path) -> None:
     neg_share = float(np.mean([(mask[i] == 0).mean() for i in range(len(mask))]))
     assert abs(n["token_share"]["negative"] - neg_share) < 1e-9
     assert abs(sum(n["token_share"].values()) - 1) < 1e-9
-    assert man["counts"]["inputs_rejected"] == {"empty_document": 1}  # the blank record of the input
-    assert n["dropped"] == {**man["counts"]["dropped"], "input: empty_document": 1}
+    # the blank record of the input, and the records whose normalized text repeats an earlier one (--duplicates)
+    from nextlong.readers import normalized_hash
+
+    texts = [json.loads(x)["text"] for x in
+             (pipeline_run.parent.parent / "input" / "prose.jsonl").read_text(encoding="utf-8").splitlines()]
+    nonempty = [normalized_hash(x) for x in texts if x.strip()]
+    repeats = len(nonempty) - len(set(nonempty))
+    assert man["counts"]["inputs_rejected"] == {"empty_document": 1, **({"duplicate_text": repeats} if repeats else {})}
+    assert n["dropped"] == {**man["counts"]["dropped"],
+                            **{f"input: {k}": v for k, v in man["counts"]["inputs_rejected"].items()}}
     # the similarities the pipeline states equal the inner products of the pool's embeddings
     np.testing.assert_allclose(np.sort(st.dist["similarity_stated"]), np.sort(st.dist["similarity_meta_negative"]),
                                atol=2e-3)

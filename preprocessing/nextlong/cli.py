@@ -294,10 +294,13 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
                                                         "embedder_max_tokens") if getattr(args, k) is not None})
         print(format_estimate(est))
         return 0
+    tok = None
     if args.stage in ("all", "chunk") and args.task_index is None:
+        from .pipeline import load_tok
         from .preflight import preflight
 
-        preflight(cfg)  # cheap checks before the first expensive stage: nothing is written yet
+        tok = load_tok(cfg)
+        preflight(cfg, tok=tok)  # cheap checks before the first expensive stage: nothing is written yet
     if args.executor == "slurm":
         from .slurm import SlurmOptions, submit
 
@@ -311,7 +314,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace, argv: list[
         ids = submit(cfg, base, opts)
         print(json.dumps(ids))
         return 0
-    manifest = run(cfg, progress=args.progress, stage=args.stage, task_index=args.task_index)
+    manifest = run(cfg, progress=args.progress, stage=args.stage, task_index=args.task_index, tok=tok)
     if manifest is None:
         return 0
     return 1 if manifest.get("verified") is False else 0

@@ -39,7 +39,7 @@ SOURCE_SPANS = 32
 #: ... within this share of the run's wall time
 SOURCE_SHARE = 0.05
 
-__all__ = ["STAGES", "SynthesisError", "run", "status", "verify_outputs"]
+__all__ = ["STAGES", "SynthesisError", "load_tok", "run", "status", "verify_outputs"]
 
 
 def _progress_factory(enabled: bool):
@@ -51,7 +51,8 @@ def _progress_factory(enabled: bool):
     return make
 
 
-def _load_tok(cfg: SynthesisConfig):
+def load_tok(cfg: SynthesisConfig):
+    """The run's tokenizer, loaded and described in one log line."""
     from .tokenization import load_tokenizer
 
     tok = load_tokenizer(cfg.tokenizer, cfg.bos_token, cfg.eos_token)
@@ -60,14 +61,17 @@ def _load_tok(cfg: SynthesisConfig):
     return tok
 
 
-def run(cfg: SynthesisConfig, progress: bool = True, stage: str = "all", task_index: int | None = None) -> dict | None:
+def run(cfg: SynthesisConfig, progress: bool = True, stage: str = "all", task_index: int | None = None,
+        tok=None) -> dict | None:
     """Run every stage (``stage="all"``), or one stage, or one array task of one stage. Returns the manifest
-    when the dataset was published (it is also written to ``<prefix>_manifest.json``)."""
+    when the dataset was published (it is also written to ``<prefix>_manifest.json``). ``tok``: the tokenizer
+    of ``cfg`` when the caller has loaded it (:func:`load_tok`), else it is loaded here."""
     from .stages import runner
 
     if stage != "all" and stage not in STAGES:
         raise SynthesisError(f"--stage {stage!r}: choose from all, {', '.join(STAGES)}")
-    return runner.run(cfg, lambda: _load_tok(cfg), _progress_factory(progress), stage, task_index,
+    return runner.run(cfg, (lambda: tok) if tok is not None else (lambda: load_tok(cfg)), _progress_factory(progress),
+                      stage, task_index,
                       verify=verify_outputs)
 
 

@@ -63,9 +63,10 @@ class CorpusSample:
     est_tokens: float = 0.0
 
 
-def preflight(cfg: SynthesisConfig, sample_docs: int = SAMPLE_DOCS) -> dict:
+def preflight(cfg: SynthesisConfig, sample_docs: int = SAMPLE_DOCS, tok=None) -> dict:
     """Check that the run can start and finish (module docstring); raise a one-line user error if not.
-    Returns the estimates it made (logged in one line)."""
+    ``tok``: the run's tokenizer when the caller has loaded it already. Returns the estimates it made (logged in
+    one line)."""
     _check_writable(cfg)
     from .readers import parse_input_specs
     from .tokenization import load_tokenizer
@@ -73,7 +74,8 @@ def preflight(cfg: SynthesisConfig, sample_docs: int = SAMPLE_DOCS) -> dict:
     specs = parse_input_specs(cfg.inputs, cfg.mix, cfg.input_names)
     files = {s.name: ([s.pattern] if s.pattern.startswith("builtin:") else [str(p) for p in s.files()])
              for s in specs}
-    tok = load_tokenizer(cfg.tokenizer, cfg.bos_token, cfg.eos_token)
+    if tok is None:
+        tok = load_tokenizer(cfg.tokenizer, cfg.bos_token, cfg.eos_token)
     dim = _check_embedder(cfg)
     sample = _sample_corpus(cfg, specs, files, tok, sample_docs)
     if sample.documents == 0:

@@ -64,7 +64,7 @@ def pending_tasks(cfg) -> dict[str, list[int] | None]:
     """Per stage before the merge: the array task indices (``j mod --tasks``; 0 for a one-task stage) that own
     at least one unit not done now (markers and sizes checked), or None when the units cannot be known yet
     (the synthesis plan needs the pool): then every task. An empty list: the stage is complete and gets no job."""
-    from .pipeline import _load_tok
+    from .pipeline import load_tok
     from .stages.base import Ctx
     from .stages.registry import ORDER
     from .stages.runner import plan_stage
@@ -73,7 +73,7 @@ def pending_tasks(cfg) -> dict[str, list[int] | None]:
     work = Path(cfg.resolved_work_dir)
     if not work.is_dir():
         return dict.fromkeys(names)
-    tok = _load_tok(cfg)
+    tok = load_tok(cfg)
     ctx = Ctx(cfg, work, tok)
     ctx.shared["tokenizer_sha256"] = tok.sha256
     arrays = {s for s, is_array in STAGE_CHAIN if is_array}

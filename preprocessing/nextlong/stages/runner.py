@@ -324,12 +324,22 @@ def _execute(ctx: Ctx, name: str, rows: list[dict], todo: list[dict], markers: l
 def prepare(ctx: Ctx) -> None:
     """The work directory's tokenizer.json (what worker processes load) and the tokenizer's hash."""
     tokenizer_path = ctx.work / "tokenizer.json"
-    tmp = tmp_name(tokenizer_path)
-    save_tokenizer_json(ctx.tok.tokenizer, tmp)  # readable by GPT-NeoX's tokenizers 0.15 too
-    if tokenizer_path.exists() and tokenizer_path.read_bytes() == tmp.read_bytes():
-        tmp.unlink()
-    else:
-        os.replace(tmp, tokenizer_path)
+    # tokenizer.json.source: "<sha256 of the run's tokenizer> <bytes of tokenizer.json>": the file is current
+    stamp = ctx.work / "tokenizer.json.source"
+    try:
+        current = stamp.read_text().split() == [ctx.tok.sha256, str(tokenizer_path.stat().st_size)]
+    except OSError:
+        current = False
+    if not current:  # the portable export of a 100k-token vocabulary takes seconds: done once per tokenizer
+        tmp = tmp_name(tokenizer_path)
+        save_tokenizer_json(ctx.tok.tokenizer, tmp)  # readable by GPT-NeoX's tokenizers 0.15 too
+        if tokenizer_path.exists() and tokenizer_path.read_bytes() == tmp.read_bytes():
+            tmp.unlink()
+        else:
+            os.replace(tmp, tokenizer_path)
+        tmp = tmp_name(stamp)
+        tmp.write_text(f"{ctx.tok.sha256} {tokenizer_path.stat().st_size}\n")
+        os.replace(tmp, stamp)
     ctx.shared["tokenizer_sha256"] = ctx.tok.sha256
 
 
