@@ -458,6 +458,8 @@ def merge_embed_stats(stats: Sequence[dict]) -> dict:
     total = {k: sum(int(s.get(k, 0)) for s in stats) for k in keys if any(k in s for s in stats)}
     if "truncated" in total:
         total["truncated_share"] = round(total["truncated"] / max(1, total.get("unique", total["chunks"])), 4)
+    if any("tokenized_once" in s for s in stats):
+        total["tokenized_once"] = all(bool(s.get("tokenized_once")) for s in stats)
     if total.get("padded_tokens"):
         total["padding_waste"] = round(1.0 - total["tokens"] / total["padded_tokens"], 4)
     return total
