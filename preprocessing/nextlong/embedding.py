@@ -5,9 +5,10 @@
   seed, then L2-normalized. Deterministic: the same texts and seed give the same bytes on any machine.
 * anything else: a sentence-transformers model by local path (or a name already in the local cache;
   nothing is downloaded: ``HF_HUB_OFFLINE`` is honoured and ``local_files_only`` is set), run by
-  :meth:`SentenceTransformerEmbedder.encode`: exact duplicates embedded once, texts packed into token-budget
-  batches by token count, bf16 where the device has it natively, tokenization of the next batch overlapped
-  with the current one, truncation at the model's ``max_seq_length`` counted. The paper's README names
+  :meth:`SentenceTransformerEmbedder.encode`: exact duplicates embedded once, each text tokenized once, texts
+  packed into token-budget batches by token count, bf16 where the device has it natively (on CPU with the
+  linear layers fused, :mod:`nextlong.embed_fused`), the next batch prepared while the current one runs,
+  truncation at the model's ``max_seq_length`` counted. The paper's README names
   jina-embeddings-v3.
 
 All embedders return float32 rows of unit norm, so inner product = cosine similarity.
@@ -199,7 +200,8 @@ class SentenceTransformerEmbedder(Embedder):
       with the model's attention implementation (SDPA, or flash attention where installed); pooling and
       normalization run in float32; on a CPU in bf16 the linear layers run as oneDNN matmuls on weights packed
       once, with the bias, a BERT-style GELU and residual add fused in (:mod:`nextlong.embed_fused`; ``fuse``);
-    * the next batch is tokenized in a background thread while the current one runs;
+    * every text is tokenized once (length and ids) when that reproduces the model's own preprocessing;
+    * the next batch is prepared in a background thread while the current one runs (GPU, or spare CPU cores);
     * texts longer than the model's ``max_seq_length`` (``sentence_bert_config.json``) are truncated,
       counted and reported.
     """
