@@ -11,8 +11,9 @@ for every other Python program is one small import at start-up. Set ``NEXTLONG_N
 disable the hook (GPT-NeoX then rejects the ``nextlong_*`` keys as unknown).
 
 With ``NEXTLONG_NEOX_CPU=1`` the finder also answers for ``torch`` and applies
-:func:`neox_plugin.cpu.patch_torch` to it (GPT-NeoX on CPU; see :mod:`neox_plugin.cpu`). That
-switch works whether or not ``NEXTLONG_NEOX_PLUGIN`` disables the loss-weight patches.
+:func:`neox_plugin.cpu.patch_torch` to it (GPT-NeoX on CPU; see :mod:`neox_plugin.cpu`), and for
+``deepspeed.runtime.engine`` (:func:`neox_plugin.cpu.patch_deepspeed_engine`). That switch works whether or
+not ``NEXTLONG_NEOX_PLUGIN`` disables the loss-weight patches.
 
 This module imports only the standard library and :mod:`neox_plugin._targets`; the patch modules
 are imported when a target is imported, and none of them imports this module.
@@ -43,6 +44,8 @@ ENV_SWITCH = "NEXTLONG_NEOX_PLUGIN"
 CPU_ENV_SWITCH = "NEXTLONG_NEOX_CPU"
 #: Module patched for CPU support.
 CPU_TARGET = "torch"
+#: All modules patched for CPU support (same as ``neox_plugin.cpu.DEEPSPEED_ENGINE`` for the second).
+CPU_TARGETS = frozenset({CPU_TARGET, "deepspeed.runtime.engine"})
 
 
 def _switch(name: str, default: str) -> bool:
@@ -61,7 +64,7 @@ class _PatchingLoader(importlib.abc.Loader):
 
     def exec_module(self, module: ModuleType) -> None:
         self._loader.exec_module(module)
-        if self._name == CPU_TARGET:
+        if self._name in CPU_TARGETS:
             from neox_plugin.cpu import apply_patch
         else:
             from neox_plugin.neox import apply_patch
@@ -120,7 +123,7 @@ def install() -> bool:
     if plugin_on:
         targets |= TARGETS
     if cpu_on:
-        targets.add(CPU_TARGET)
+        targets |= CPU_TARGETS
         os.environ.setdefault("DS_ACCELERATOR", "cpu")
     if not targets:
         return False
@@ -130,10 +133,11 @@ def install() -> bool:
         _FINDER.targets = frozenset(targets)
     if _FINDER not in sys.meta_path:
         sys.meta_path.insert(0, _FINDER)
-    if cpu_on and CPU_TARGET in sys.modules:
-        from neox_plugin.cpu import patch_torch
+    if cpu_on and any(name in sys.modules for name in CPU_TARGETS):
+        from neox_plugin.cpu import apply_patch as cpu_patch
 
-        patch_torch(sys.modules[CPU_TARGET])
+        for name in sorted(CPU_TARGETS & set(sys.modules)):
+            cpu_patch(name, sys.modules[name])
     if plugin_on and any(name in sys.modules for name in TARGETS):
         from neox_plugin.neox import patch_loaded_modules
 

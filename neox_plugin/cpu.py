@@ -17,10 +17,24 @@ gloo``, ``precision: fp32`` and no fused or flash kernels (``configs/neox/tiny_c
 
 The patch is applied when ``torch`` is first imported (the hook's finder), so processes that never
 import torch pay nothing.
+
+One DeepSpeed patch rides on the same switch (:func:`patch_deepspeed_engine`, applied when
+``deepspeed.runtime.engine`` is imported): loading weights only (GPT-NeoX's ``finetune: true`` or
+``no_load_optim: true``, DeepSpeed's ``load_module_only``) calls ``optimizer.refresh_fp32_params()``, which
+DeepSpeed's mixed-precision and ZeRO wrappers define and a plain fp32 optimizer (``FusedAdam``, torch's
+``Adam``; what ``precision: fp32`` with ZeRO stage 0 gives, the only set-up that trains on CPU here) does not:
+``AttributeError: 'FusedAdam' object has no attribute 'refresh_fp32_params'``. The bug is not CPU-specific
+(DeepSpeed issue #7132: fp32 without ZeRO fails the same way on a GPU); bf16 or fp16, or any ZeRO stage, wraps
+the optimizer in a class that has the method, so the recipes (bf16 + ZeRO 1) are not affected. For a plain
+optimizer the parameters it steps ARE the module's parameters, which the load has just overwritten in place,
+so there is nothing to refresh: :func:`add_fp32_refresh` gives such an optimizer a no-op method, only after
+checking that every parameter it holds is one of the module's.
 """
 
 from __future__ import annotations
 
+import functools
+import logging
 import os
 import sys
 from types import ModuleType
@@ -28,8 +42,14 @@ from typing import Any
 
 #: Environment switch; any value but empty/0/false/no/off turns CPU support on.
 ENV_SWITCH = "NEXTLONG_NEOX_CPU"
-#: Attribute set on ``torch.cuda`` once patched.
+#: Attribute set on ``torch.cuda`` (and on ``DeepSpeedEngine``) once patched.
 MARKER = "_nextlong_cpu"
+#: DeepSpeed module whose engine gets :func:`patch_deepspeed_engine`.
+DEEPSPEED_ENGINE = "deepspeed.runtime.engine"
+#: Logged when :func:`add_fp32_refresh` gives an optimizer the no-op method.
+REFRESH_NOTE = "fp32 optimizer: refresh_fp32_params is a no-op (its parameters are the module's, loaded in place)"
+
+logger = logging.getLogger(__name__)
 
 
 def enabled() -> bool:
@@ -176,7 +196,51 @@ def install() -> bool:
     return True
 
 
+def add_fp32_refresh(optimizer: Any, module: Any) -> bool:
+    """Give a plain fp32 optimizer a no-op ``refresh_fp32_params``; returns whether it did.
+
+    Nothing changes when ``optimizer`` is None, already has the method (DeepSpeed's fp16/bf16/ZeRO wrappers,
+    which keep separate fp32 master weights and must copy them), or holds a tensor that is not one of
+    ``module``'s parameters (a master copy: then a refresh would be needed, and DeepSpeed's error stays).
+    """
+    if optimizer is None or hasattr(optimizer, "refresh_fp32_params"):
+        return False
+    own = {id(p) for p in module.parameters()}
+    groups = getattr(optimizer, "param_groups", None)
+    if not groups or any(id(p) not in own for g in groups for p in g["params"]):
+        return False
+
+    def refresh_fp32_params() -> None:
+        return None
+
+    optimizer.refresh_fp32_params = refresh_fp32_params
+    logger.warning(REFRESH_NOTE)  # a warning: GPT-NeoX's ranks configure no logging, and DeepSpeed is patched here
+    return True
+
+
+def patch_deepspeed_engine(engine_module: ModuleType) -> None:
+    """Before ``DeepSpeedEngine._load_checkpoint``, apply :func:`add_fp32_refresh` to the engine's optimizer.
+
+    ``_load_checkpoint`` loads the module's weights in place, then, with ``load_module_only``, calls
+    ``self.optimizer.refresh_fp32_params()``. Idempotent.
+    """
+    cls = engine_module.DeepSpeedEngine
+    if getattr(cls, MARKER, False):
+        return
+    original = cls._load_checkpoint
+
+    @functools.wraps(original)
+    def _load_checkpoint(self: Any, *args: Any, **kwargs: Any) -> Any:
+        add_fp32_refresh(getattr(self, "optimizer", None), self.module)
+        return original(self, *args, **kwargs)
+
+    cls._load_checkpoint = _load_checkpoint
+    setattr(cls, MARKER, True)
+
+
 def apply_patch(name: str, module: ModuleType) -> None:
-    """Post-import callback of the hook for ``torch``."""
+    """Post-import callback of the hook for ``torch`` and ``deepspeed.runtime.engine``."""
     if name == "torch":
         patch_torch(module)
+    elif name == DEEPSPEED_ENGINE:
+        patch_deepspeed_engine(module)

@@ -85,6 +85,80 @@ def test_cpu_support_when_torch_is_already_imported() -> None:
     subprocess.run([sys.executable, "-c", code], check=True, env=env, timeout=300)
 
 
+def test_fp32_refresh_is_added_only_to_an_optimizer_of_the_module_params() -> None:
+    import torch
+
+    from neox_plugin.cpu import add_fp32_refresh
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 3), torch.nn.Linear(3, 1))
+    plain = torch.optim.Adam(model.parameters(), lr=0.1)
+    before = [p.detach().clone() for p in model.parameters()]
+    assert add_fp32_refresh(plain, model) and not add_fp32_refresh(plain, model)  # added once
+    plain.refresh_fp32_params()
+    assert all(torch.equal(a, b) for a, b in zip(before, model.parameters(), strict=True))
+    assert not hasattr(torch.optim.Adam(model.parameters()), "refresh_fp32_params")  # the instance, not the class
+    # An optimizer over master copies (what mixed precision keeps) needs a real refresh: left alone.
+    master = torch.optim.Adam([p.detach().clone().requires_grad_() for p in model.parameters()])
+    assert not add_fp32_refresh(master, model) and not hasattr(master, "refresh_fp32_params")
+
+    class Wrapper:  # DeepSpeed's fp16/bf16/ZeRO wrappers bring their own method: never replaced
+        param_groups = plain.param_groups
+
+        def refresh_fp32_params(self) -> str:
+            return "own"
+
+    w = Wrapper()
+    assert not add_fp32_refresh(w, model) and w.refresh_fp32_params() == "own"
+    assert not add_fp32_refresh(None, model)
+
+
+ENGINE_STANDIN = """
+import torch
+
+class DeepSpeedEngine:  # the calls of deepspeed/runtime/engine.py's _load_checkpoint that matter here
+    def __init__(self, module, optimizer):
+        self.module, self.optimizer = module, optimizer
+
+    def _load_checkpoint(self, state, load_module_only=False):
+        self.module.load_state_dict(state)
+        if load_module_only and self.optimizer is not None:
+            self.optimizer.refresh_fp32_params()
+        return "loaded"
+"""
+
+ENGINE_PROBE = """
+import torch, neox_plugin._hook as h
+h.install()
+from deepspeed.runtime.engine import DeepSpeedEngine
+m = torch.nn.Linear(2, 2)
+e = DeepSpeedEngine(m, torch.optim.Adam(m.parameters()))
+state = {k: torch.zeros_like(v) for k, v in m.state_dict().items()}
+try:
+    print("RESULT", e._load_checkpoint(state, load_module_only=True), float(m.weight.abs().sum()))
+except AttributeError as err:
+    print("RESULT", err)
+"""
+
+
+@pytest.mark.parametrize("cpu", ["1", "0"])
+def test_hook_patches_deepspeed_engine_only_for_cpu_runs(tmp_path: Path, cpu: str) -> None:
+    pkg = tmp_path / "deepspeed" / "runtime"
+    pkg.mkdir(parents=True)
+    for d in (tmp_path / "deepspeed", pkg):
+        (d / "__init__.py").write_text("")
+    (pkg / "engine.py").write_text(ENGINE_STANDIN)
+    env = {k: v for k, v in os.environ.items() if k not in ("NEXTLONG_NEOX_CPU", "DS_ACCELERATOR")}
+    env.update(NEXTLONG_NEOX_CPU=cpu, PYTHONPATH=os.pathsep.join([str(REPO), str(tmp_path)]))
+    proc = subprocess.run([sys.executable, "-c", ENGINE_PROBE], capture_output=True, text=True, env=env,
+                          timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    result = next(x for x in proc.stdout.splitlines() if x.startswith("RESULT "))
+    if cpu == "1":
+        assert result == "RESULT loaded 0.0" and "refresh_fp32_params is a no-op" in proc.stderr
+    else:
+        assert result == "RESULT 'Adam' object has no attribute 'refresh_fp32_params'"
+
+
 def _imports(path: Path, package: str) -> set[str]:
     """Modules of ``package`` that ``path`` imports anywhere (module level or inside functions)."""
     tree = ast.parse(path.read_text(encoding="utf-8"))
