@@ -190,10 +190,11 @@ def main(argv: list[str] | None = None) -> int:
         st = r["stage_stats"]
         print(f"[{r['device']}] {r['chunks']} chunks, {r['queries']} queries; stage: {r['stage']['precision']}, "
               f"{r['stage']['batch_tokens']} tokens/batch, attention {r['stage']['attention']}, "
-              f"max_seq_length {r['stage']['max_seq_length']}")
+              f"max_seq_length {r['stage']['max_seq_length']}, "
+              f"fused modules {r['stage'].get('fused_modules') or 'none'}")
         print(f"[{r['device']}] stage stats: duplicates {st['duplicates']}, truncated {st['truncated']} "
               f"({100 * st['truncated_share']:.1f}%), padding waste {100 * st['padding_waste']:.1f}%, "
-              f"{st['batches']} batches")
+              f"{st['batches']} batches, tokenized once: {'yes' if st.get('tokenized_once') else 'no'}")
         print(f"[{r['device']}] plain fp32 loop: {r['cps_plain']:.2f} chunks/s ({r['seconds_plain']:.1f} s)   "
               f"embed stage: {r['cps_stage']:.2f} chunks/s ({r['seconds_stage']:.1f} s)   "
               f"cosine min {r['cosine_min']:.4f}")

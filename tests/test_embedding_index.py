@@ -180,6 +180,7 @@ def test_bf16_stays_close_to_fp32_on_a_real_model():
     fp32 = make_embedder(path, seed=0, precision="fp32")
     bf16 = make_embedder(path, seed=0)  # auto: bf16 here
     assert bf16.describe()["precision"] == "bf16" and fp32.describe()["max_seq_length"] == 256
+    assert bf16._direct and bf16._tail == 1  # tokenized once; a truncated text keeps its final [SEP]
     assert fp32.dim == 384
     a, b = fp32.embed(texts), bf16.embed(texts)
     cos = np.sum(a * b, axis=1)
@@ -189,6 +190,75 @@ def test_bf16_stays_close_to_fp32_on_a_real_model():
     np.fill_diagonal(sa, -1)
     np.fill_diagonal(sb, -1)
     assert (sa.argmax(1) == sb.argmax(1)).all()
+
+
+def test_texts_are_tokenized_once_exactly_as_the_model_preprocesses_them(tiny_st):
+    """The embedder tokenizes every text once (for its length and its ids) only when that reproduces the model's
+    own preprocessing: same ids, mask and token types, truncated texts included; the vectors match the per-batch
+    path that runs the model's preprocessing."""
+    import torch
+    from nextlong.embedding import make_embedder
+
+    emb = make_embedder(str(tiny_st), seed=0, precision="fp32", batch_tokens=256)
+    assert emb._direct
+    texts = _corpus_texts() + ["", " ", "Ünïcødé — “quotes” ½ 日本語", "tabs\tand\nnewlines  "]
+    lengths, ids = emb._tokenize(texts)
+    np.testing.assert_array_equal(lengths, emb._token_lengths(texts))
+    assert (lengths > 48).sum() > 0
+    for s in range(0, len(texts), 9):
+        mine, ref = emb._features(ids[s : s + 9]), emb._preprocess(texts[s : s + 9])
+        for k, v in ref.items():
+            if isinstance(v, torch.Tensor):
+                assert torch.equal(mine[k], v), (s, k)
+    out, st = emb.encode(texts)
+    assert st["tokenized_once"]
+    emb._direct = False  # the per-batch path: lengths first, then the model's preprocessing
+    ref_out, ref_st = emb.encode(texts)
+    assert not ref_st["tokenized_once"]
+    np.testing.assert_allclose(out, ref_out, atol=1e-6)
+    assert {k: st[k] for k in ("truncated", "tokens", "padded_tokens", "batches")} == \
+        {k: ref_st[k] for k in ("truncated", "tokens", "padded_tokens", "batches")}
+
+
+def test_fused_cpu_bf16_modules_match_the_model(tiny_st):
+    """On a CPU with native bf16 the transformer's linear layers run as packed oneDNN matmuls with the bias,
+    GELU and residual add fused and one QKV matmul: same vectors as the unfused bf16 model (cosine >= 0.9999),
+    the same bytes on a rerun, and every layer of the BERT model recognised."""
+    import torch
+    from nextlong.embed_fused import fuse_cpu_bf16, fused_ops_available
+    from nextlong.embedding import SentenceTransformerEmbedder, bf16_supported, make_embedder
+    from transformers import BertConfig, BertModel
+
+    if not (bf16_supported("cpu") and fused_ops_available()):
+        pytest.skip("this CPU/torch has no native bf16 oneDNN matmul")
+    fused = make_embedder(str(tiny_st), seed=0, precision="bf16", batch_tokens=256)
+    plain = make_embedder(str(tiny_st), seed=0, precision="bf16", batch_tokens=256)
+    plain_model = SentenceTransformerEmbedder(str(tiny_st), precision="bf16", batch_tokens=256, fuse=False)
+    assert fused.describe()["fused_modules"] == {"attention": 1, "linear": 1, "gelu": 1, "residual": 2}
+    assert plain_model.describe()["fused_modules"] == {}
+    texts = _corpus_texts()
+    a, b = fused.embed(texts), plain_model.embed(texts)
+    assert np.sum(a * b, axis=1).min() >= 0.9999
+    assert plain.embed(texts).tobytes() == a.tobytes() == fused.embed(texts).tobytes()
+    # module level, with padding in the batch: the fused encoder gives the unfused encoder's hidden states
+    torch.manual_seed(0)
+    cfg = BertConfig(vocab_size=100, hidden_size=64, num_hidden_layers=2, num_attention_heads=4,
+                     intermediate_size=128, max_position_embeddings=64, attn_implementation="sdpa")
+    ref = BertModel(cfg).eval().to(torch.bfloat16)
+    model = BertModel(cfg).eval().to(torch.bfloat16)
+    model.load_state_dict(ref.state_dict())
+    counts = fuse_cpu_bf16(model)
+    assert counts == {"attention": 2, "linear": 1, "gelu": 2, "residual": 4}
+    ids = torch.randint(1, 100, (3, 20))
+    mask = torch.ones(3, 20, dtype=torch.long)
+    mask[1, 12:] = 0
+    mask[2, 5:] = 0
+    with torch.inference_mode():
+        h_ref = ref(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+        h = model(input_ids=ids, attention_mask=mask).last_hidden_state.float()
+    keep = mask.bool()
+    cos = torch.nn.functional.cosine_similarity(h[keep], h_ref[keep], dim=-1)
+    assert cos.min() >= 0.999, cos.min()
 
 
 def test_manifest_records_how_the_embedder_ran(tmp_path, tiny_st, docs_corpus, small_tokenizer_json):

@@ -5,9 +5,10 @@
   seed, then L2-normalized. Deterministic: the same texts and seed give the same bytes on any machine.
 * anything else: a sentence-transformers model by local path (or a name already in the local cache;
   nothing is downloaded: ``HF_HUB_OFFLINE`` is honoured and ``local_files_only`` is set), run by
-  :meth:`SentenceTransformerEmbedder.encode`: exact duplicates embedded once, texts packed into token-budget
-  batches by token count, bf16 where the device has it natively, tokenization of the next batch overlapped
-  with the current one, truncation at the model's ``max_seq_length`` counted. The paper's README names
+  :meth:`SentenceTransformerEmbedder.encode`: exact duplicates embedded once, each text tokenized once, texts
+  packed into token-budget batches by token count, bf16 where the device has it natively (on CPU with the
+  linear layers fused, :mod:`nextlong.embed_fused`), the next batch prepared while the current one runs,
+  truncation at the model's ``max_seq_length`` counted. The paper's README names
   jina-embeddings-v3.
 
 All embedders return float32 rows of unit norm, so inner product = cosine similarity.
@@ -197,15 +198,17 @@ class SentenceTransformerEmbedder(Embedder):
     * texts are sorted by token count and packed into batches of at most ``batch_tokens`` padded tokens;
     * the transformer runs in ``precision`` (``auto``: bf16 on CUDA and on CPUs with native bf16, else fp32)
       with the model's attention implementation (SDPA, or flash attention where installed); pooling and
-      normalization run in float32;
-    * the next batch is tokenized in a background thread while the current one runs;
+      normalization run in float32; on a CPU in bf16 the linear layers run as oneDNN matmuls on weights packed
+      once, with the bias, a BERT-style GELU and residual add fused in (:mod:`nextlong.embed_fused`; ``fuse``);
+    * every text is tokenized once (length and ids) when that reproduces the model's own preprocessing;
+    * the next batch is prepared in a background thread while the current one runs (GPU, or spare CPU cores);
     * texts longer than the model's ``max_seq_length`` (``sentence_bert_config.json``) are truncated,
       counted and reported.
     """
 
     def __init__(self, model: str, batch_size: int = 1024, device: str | None = None,
                  max_seq_length: int | None = None, trust_remote_code: bool = False, precision: str = "auto",
-                 batch_tokens: int = 16384, threads: int = 0):
+                 batch_tokens: int = 16384, threads: int = 0, fuse: bool = True):
         try:
             import torch
             from sentence_transformers import SentenceTransformer
@@ -239,6 +242,13 @@ class SentenceTransformerEmbedder(Embedder):
         dtype = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": torch.float32}[self.precision]
         self._dtype = dtype
         self.model[0].to(dtype)
+        # CPU bf16: linear layers as oneDNN matmuls on weights packed once, bias / GELU / residual add fused in
+        self.fused: dict = {}
+        auto = getattr(self.model[0], "auto_model", None)
+        if fuse and self.device == "cpu" and self.precision == "bf16" and isinstance(auto, torch.nn.Module):
+            from .embed_fused import fuse_cpu_bf16
+
+            self.fused = {k: v for k, v in fuse_cpu_bf16(auto).items() if v}
         self.name = model
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
@@ -246,19 +256,93 @@ class SentenceTransformerEmbedder(Embedder):
         self.batch_tokens = batch_tokens
         self.max_seq_length = int(self.model.max_seq_length)
         self.threads = torch.get_num_threads()
-        auto = getattr(self.model[0], "auto_model", None)
         self.attention = getattr(getattr(auto, "config", None), "_attn_implementation", None) or "unknown"
         self.last_stats: dict = {}
+        # tokenize every text once (for its length and its features) when that reproduces the model's own
+        # preprocessing exactly on probe texts; else lengths first, then the model's preprocessing per batch
+        self._direct = self._setup_direct_tokenization()
 
     def describe(self) -> dict:
         return {"name": self.name, "dim": self.dim, "device": self.device, "precision": self.precision,
                 "batch_tokens": self.batch_tokens, "max_batch_size": self.batch_size,
-                "max_seq_length": self.max_seq_length, "attention": self.attention,
+                "max_seq_length": self.max_seq_length, "attention": self.attention, "fused_modules": self.fused,
                 "torch_threads": self.threads if self.device == "cpu" else None}
 
     def _preprocess(self, texts: list[str]) -> dict:
         fn = getattr(self.model, "preprocess", None) or self.model.tokenize
         return fn(texts)
+
+    def _setup_direct_tokenization(self) -> bool:
+        """Whether :meth:`_tokenize` + :meth:`_features` reproduce the model's own preprocessing exactly on probe
+        texts (one of them truncated); sets the number of special tokens kept after a truncated text."""
+        import torch
+
+        tok = self.model.tokenizer
+        if not getattr(tok, "is_fast", False) or getattr(tok, "padding_side", "right") != "right" \
+                or tok.pad_token_id is None:
+            return False
+        probes = [" ".join(f"Probe{i}, text." for i in range(self.max_seq_length)) + " The end?",  # truncated
+                  "A short probe sentence.", "Another probe, a little longer than the short one: 3.5 km/h."]
+        try:
+            ref = self._preprocess(probes)
+        except Exception as e:  # noqa: BLE001 - the per-batch path is kept
+            log.info("embedder: direct tokenization not checked (%s)", e)
+            return False
+        tensors = {k for k, v in ref.items() if isinstance(v, torch.Tensor)}
+        if not {"input_ids", "attention_mask"} <= tensors <= {"input_ids", "attention_mask", "token_type_ids"}:
+            return False
+        self._pad_id = int(tok.pad_token_id)
+        self._token_types = "token_type_ids" in tensors
+        self._extra_features = {k: v for k, v in ref.items() if k not in tensors}
+        # special tokens the tokenizer puts after the text: where the plain ids sit inside the full ones
+        sample = probes[2]
+        full = tok(sample, add_special_tokens=True)["input_ids"]
+        plain = tok(sample, add_special_tokens=False)["input_ids"]
+        starts = [i for i in range(len(full) - len(plain) + 1) if full[i : i + len(plain)] == plain]
+        if not plain or len(starts) != 1:
+            return False
+        self._tail = len(full) - len(plain) - starts[0]
+        _, ids = self._tokenize(probes)
+        mine = self._features(ids)
+        return all(torch.equal(mine[k], ref[k]) for k in tensors)
+
+    def _tokenize(self, texts: list[str], block: int = 4096) -> tuple[np.ndarray, list[np.ndarray]]:
+        """Token count of every text with special tokens before truncation, and its ids as the model sees them
+        (the first ``max_seq_length - tail`` tokens and the last ``tail`` special tokens when longer)."""
+        tok = self.model.tokenizer
+        lengths = np.empty(len(texts), dtype=np.int64)
+        ids: list[np.ndarray] = []
+        keep = self.max_seq_length - self._tail
+        for s in range(0, len(texts), block):
+            enc = tok(texts[s : s + block], add_special_tokens=True, truncation=False, return_attention_mask=False,
+                      return_token_type_ids=False, verbose=False)["input_ids"]
+            for j, e in enumerate(enc):
+                lengths[s + j] = len(e)
+                ids.append(np.asarray(e if len(e) <= self.max_seq_length else e[:keep] + e[len(e) - self._tail:],
+                                      dtype=np.int64))
+        return lengths, ids
+
+    def _features(self, rows: list[np.ndarray]) -> dict:
+        """Right-padded ``input_ids`` / ``attention_mask`` (/ zero ``token_type_ids``) tensors of id rows."""
+        import torch
+
+        width = max(len(r) for r in rows)
+        input_ids = np.full((len(rows), width), self._pad_id, dtype=np.int64)
+        mask = np.zeros((len(rows), width), dtype=np.int64)
+        for i, r in enumerate(rows):
+            input_ids[i, : len(r)] = r
+            mask[i, : len(r)] = 1
+        feats = {"input_ids": torch.from_numpy(input_ids), "attention_mask": torch.from_numpy(mask)}
+        if self._token_types:
+            feats["token_type_ids"] = torch.zeros_like(feats["input_ids"])
+        feats.update(self._extra_features)
+        return feats
+
+    def _prepare(self, rows: np.ndarray, texts: list[str], ids: list[np.ndarray] | None) -> dict:
+        """The model's input features of ``texts[rows]``: padded from ``ids`` when tokenized already."""
+        if ids is not None:
+            return self._features([ids[i] for i in rows])
+        return self._preprocess([texts[i] for i in rows])
 
     def _token_lengths(self, texts: list[str]) -> np.ndarray:
         """Token count of every text with the model's special tokens, before truncation."""
@@ -309,10 +393,14 @@ class SentenceTransformerEmbedder(Embedder):
         # leaves CPU cores free; else a tokenizer thread would stall torch's threads at every barrier
         overlap = not self.device.startswith("cpu") or (os.cpu_count() or 1) > self.threads
         stats["tokenize_overlapped"] = bool(overlap)
+        stats["tokenized_once"] = bool(self._direct)
         with ThreadPoolExecutor(max_workers=1) as pool:
             for w, w0 in enumerate(range(0, len(uniq), window)):
                 wt = uniq[w0 : w0 + window]
-                lengths = self._token_lengths(wt)
+                if self._direct:
+                    lengths, ids = self._tokenize(wt)
+                else:
+                    lengths, ids = self._token_lengths(wt), None
                 chars += sum(len(t) for t in wt)
                 stats["truncated"] += int((lengths > self.max_seq_length).sum())
                 full_tokens += int(lengths.sum())
@@ -320,11 +408,12 @@ class SentenceTransformerEmbedder(Embedder):
                 stats["tokens"] += int(used.sum())
                 batches = token_budget_batches(used, self.batch_tokens, self.batch_size)
                 buf = np.zeros((len(wt), self.dim), dtype=np.float32)
-                pending = pool.submit(self._preprocess, [wt[i] for i in batches[0]]) if overlap and batches else None
+                prepare = self._prepare
+                pending = pool.submit(prepare, batches[0], wt, ids) if overlap and batches else None
                 for b, rows in enumerate(batches):
-                    features = pending.result() if overlap else self._preprocess([wt[i] for i in rows])
-                    if overlap and b + 1 < len(batches):  # tokenize the next batch while this one runs
-                        pending = pool.submit(self._preprocess, [wt[i] for i in batches[b + 1]])
+                    features = pending.result() if overlap else prepare(rows, wt, ids)
+                    if overlap and b + 1 < len(batches):  # prepare the next batch while this one runs
+                        pending = pool.submit(prepare, batches[b + 1], wt, ids)
                     mask = features.get("attention_mask")
                     if mask is not None:
                         stats["padded_tokens"] += int(mask.numel())
@@ -371,6 +460,8 @@ def merge_embed_stats(stats: Sequence[dict]) -> dict:
     total = {k: sum(int(s.get(k, 0)) for s in stats) for k in keys if any(k in s for s in stats)}
     if "truncated" in total:
         total["truncated_share"] = round(total["truncated"] / max(1, total.get("unique", total["chunks"])), 4)
+    if any("tokenized_once" in s for s in stats):
+        total["tokenized_once"] = all(bool(s.get("tokenized_once")) for s in stats)
     if total.get("padded_tokens"):
         total["padding_waste"] = round(1.0 - total["tokens"] / total["padded_tokens"], 4)
     return total
