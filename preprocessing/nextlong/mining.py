@@ -145,17 +145,13 @@ def mine_and_build(ctx, doc: int, retrieved: dict, slot: int, filt: Counter) -> 
     (pool, cfg, specials, chars_per_token, allowed_doc, retrieve, candidates). Raises :class:`Dropped`."""
     cfg, pool = ctx.cfg, ctx.pool
     allowed = getattr(ctx, "allowed_doc", None)
-    cands = ctx.candidates(doc, retrieved, filt)
-    try:
-        return build_nextlong(pool, cfg, ctx.specials, doc, cands, np.random.default_rng([cfg.seed, slot]),
-                              ctx.chars_per_token, allowed)
-    except Dropped as e:
-        if e.reason != RETRY_MORE_CANDIDATES:
-            raise
     first = retrieved["limit"] if retrieved else cfg.candidates
-    for limit in wider_limits(cfg, first):
-        filt["adaptive_k_retries"] += 1
-        cands = ctx.candidates(doc, ctx.retrieve([doc], adaptive=False, limit=limit), Counter())
+    for limit in (None, *wider_limits(cfg, first)):  # the block's lists first, then wider ones
+        if limit is None:
+            cands = ctx.candidates(doc, retrieved, filt)
+        else:
+            filt["adaptive_k_retries"] += 1
+            cands = ctx.candidates(doc, ctx.retrieve([doc], adaptive=False, limit=limit), Counter())
         try:
             return build_nextlong(pool, cfg, ctx.specials, doc, cands, np.random.default_rng([cfg.seed, slot]),
                                   ctx.chars_per_token, allowed)
