@@ -117,7 +117,7 @@ def run_device(args, chunks: list[str], device: str) -> dict:
     t0 = time.perf_counter()
     ours = make_embedder(args.embedder, seed=0, batch_size=defaults.embed_batch_size, device=device,
                          precision=defaults.embed_precision, batch_tokens=defaults.embed_batch_tokens,
-                         threads=defaults.embed_threads)
+                         threads=defaults.embed_threads, streams=defaults.embed_streams)
     load_b = time.perf_counter() - t0
     log.info("%s: models loaded (plain %.1f s, stage %.1f s); stage settings %s", device, load_a, load_b,
              ours.describe())

@@ -137,6 +137,65 @@ def test_token_budget_batches_cover_every_row_once(seed):
     assert [len(b) for b in token_budget_batches(np.array([5000, 3]), 100, 8)] == [1, 1]  # over budget: alone
 
 
+def test_token_budget_default_is_by_device(tiny_st):
+    """``--embed-batch-tokens 0`` (the default) resolves by device: large batches on a GPU, cache-sized ones on
+    a CPU; a budget given is kept, a negative one is refused naming the flag."""
+    from nextlong.embedding import BATCH_TOKENS_CPU, BATCH_TOKENS_GPU, make_embedder, resolve_batch_tokens
+
+    assert resolve_batch_tokens(0, "cpu") == BATCH_TOKENS_CPU < resolve_batch_tokens(0, "cuda:1") == BATCH_TOKENS_GPU
+    assert resolve_batch_tokens(777, "cpu") == resolve_batch_tokens(777, "cuda") == 777
+    with pytest.raises(ValueError, match="--embed-batch-tokens"):
+        resolve_batch_tokens(-1, "cpu")
+    emb = make_embedder(str(tiny_st), seed=0, precision="fp32", device="cpu")
+    assert emb.batch_tokens == BATCH_TOKENS_CPU and emb.describe()["batch_tokens"] == BATCH_TOKENS_CPU
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_cpu_streams_give_the_bytes_of_one_batch_at_a_time(tiny_st, precision):
+    """On a CPU, several batches at once (``--embed-streams``, default one per thread) write the same bytes as
+    one batch at a time on all threads, report every chunk to the progress callback, and leave torch's thread
+    count as it was."""
+    import torch
+    from nextlong.embedding import bf16_supported, make_embedder
+
+    if precision == "bf16" and not bf16_supported("cpu"):
+        pytest.skip("this CPU has no native bf16")
+    before = torch.get_num_threads()
+    try:
+        texts = _corpus_texts() * 3  # duplicates too
+        one = make_embedder(str(tiny_st), seed=0, precision=precision, batch_tokens=128, threads=2, streams=1)
+        ref, st1 = one.encode(texts)
+        many = make_embedder(str(tiny_st), seed=0, precision=precision, batch_tokens=128, threads=2)
+        assert many.streams == 2 and many.describe()["streams"] == 2  # default: one per thread
+        ticks: list[int] = []
+        got, st2 = many.encode(texts, progress=ticks.append)
+        assert got.tobytes() == ref.tobytes()
+        assert sum(ticks) == len(texts) and st2["streams"] == 2 and st1["streams"] == 1
+        assert {k: st2[k] for k in ("batches", "tokens", "padded_tokens", "duplicates")} == \
+            {k: st1[k] for k in ("batches", "tokens", "padded_tokens", "duplicates")}
+        assert st2["batches"] > 4
+        assert torch.get_num_threads() == 2  # restored after the streams ran on one thread each
+        assert make_embedder(str(tiny_st), seed=0, precision="fp32", threads=2, streams=5).streams == 2
+        # a batch that fails fails the call, and the thread count is still restored
+        calls = []
+        forward = many._forward
+
+        def failing(features):
+            calls.append(1)
+            if len(calls) == 3:
+                raise RuntimeError("batch 3 failed")
+            return forward(features)
+
+        many._forward = failing
+        with pytest.raises(RuntimeError, match="batch 3 failed"):
+            many.encode(texts)
+        assert torch.get_num_threads() == 2
+        with pytest.raises(ValueError, match="--embed-streams"):
+            make_embedder(str(tiny_st), seed=0, precision="fp32", streams=-1)
+    finally:
+        torch.set_num_threads(before)
+
+
 def test_encode_restores_order_dedups_and_counts(tiny_st):
     """Token-budget batches over length-sorted texts give every text its own row (equal to embedding it
     alone), duplicates get identical rows and are embedded once, truncation and padding are counted."""

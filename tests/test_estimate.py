@@ -216,6 +216,11 @@ def test_neural_embedder_padding_precision_and_gpu_count():
     cpu = estimate_from_sample(cfg, sample, gpus=0, cpu_gflops=100.0, **kw)
     assert "gpu_hours" not in cpu["embedding"] and cpu["search"]["device"] == "cpu"
     assert cpu["embedding"]["cpu_hours"]["value"] == pytest.approx(4000 * 2 * 500e6 * 125 / 50e9 / 3600)
+    # --embed-batch-tokens 0 (the default) is 16,384 on a GPU and 4,096 on a CPU; a value given is kept
+    assert cpu["embedding"]["batches"]["value"] == pytest.approx(4000 * 125 / 4096)
+    fixed = estimate_from_sample(_cfg(embedder="/m", index_factory="Flat", embed_batch_tokens=1000), sample,
+                                 gpus=0, cpu_gflops=100.0, **kw)
+    assert fixed["embedding"]["batches"]["value"] == pytest.approx(4000 * 125 / 1000)
     measured = dict(sample, embedder_cpu_chunks_per_second=8.0, embedder_cpu_chunks=64,
                     embedder_cpu_precision="bf16", embedder_cpu_threads=2)
     cpu2 = estimate_from_sample(cfg, measured, gpus=0, **kw)

@@ -114,12 +114,16 @@ def build_parser() -> argparse.ArgumentParser:
                     help="allow the embedder's model directory to run its own code (jina-embeddings-v3 needs it)")
     em.add_argument("--embed-batch-size", type=int, default=1024,
                     help="at most this many texts per sentence-transformers batch")
-    em.add_argument("--embed-batch-tokens", type=int, default=16384,
-                    help="padded tokens per sentence-transformers batch (texts sorted by token count)")
+    em.add_argument("--embed-batch-tokens", type=int, default=0,
+                    help="padded tokens per sentence-transformers batch, texts sorted by token count "
+                         "(0: by device, 16384 on a GPU, 4096 on a CPU)")
     em.add_argument("--embed-precision", choices=("auto", "bf16", "fp16", "fp32"), default="auto",
                     help="embedder compute precision; auto: bf16 on CUDA and bf16-capable CPUs, else fp32")
     em.add_argument("--embed-threads", type=int, default=0,
                     help="torch CPU threads per embed task (0: one per core)")
+    em.add_argument("--embed-streams", type=int, default=0,
+                    help="batches embedded at once per CPU embed task, each on its share of the threads "
+                         "(0: one per thread)")
     em.add_argument("--index-factory", default="Flat", help="FAISS factory string (inner product)")
     em.add_argument("--index-train-size", type=int, default=262144, help="vectors sampled to train IVF/PQ")
     em.add_argument("--nprobe", type=int, default=64, help="IVF lists searched per query")

@@ -64,14 +64,18 @@ class SynthesisConfig:
     embed_batch_size: int = 1024
     """``--embed-batch-size``: at most this many texts per forward pass of a sentence-transformers model
     (the token budget ``--embed-batch-tokens`` usually binds first)."""
-    embed_batch_tokens: int = 16384
+    embed_batch_tokens: int = 0
     """``--embed-batch-tokens``: padded tokens per forward pass (rows x longest row) of a sentence-transformers
-    model; texts are sorted by token count and packed up to this budget."""
+    model; texts are sorted by token count and packed up to this budget. 0: by device, 16,384 on a GPU and
+    4,096 on a CPU (:func:`nextlong.embedding.resolve_batch_tokens`)."""
     embed_precision: str = "auto"
     """``--embed-precision``: compute precision of a sentence-transformers model: ``auto`` (bf16 on CUDA and
     on CPUs with native bf16, else fp32), ``bf16``, ``fp16`` (CUDA only) or ``fp32``."""
     embed_threads: int = 0
     """``--embed-threads``: torch CPU threads per embed task (0: torch's default, one per core)."""
+    embed_streams: int = 0
+    """``--embed-streams``: batches embedded at once by a CPU embed task, each on its share of the task's torch
+    threads (0: one per thread; at most the thread count). Ignored on a GPU (one)."""
     index_factory: str = "Flat"
     """``--index-factory``: FAISS factory string, inner-product metric (``Flat`` exact; ``IVFn,Flat``...)."""
     index_train_size: int = 262144
@@ -172,7 +176,8 @@ class SynthesisConfig:
         need(self.duplicates in ("drop", "keep"), "--duplicates", f"drop or keep, got {self.duplicates!r}")
         need(self.control_chars in ("strip", "keep"), "--control-chars", f"strip or keep, got {self.control_chars!r}")
         need(self.embed_batch_size >= 1, "--embed-batch-size", "must be >= 1")
-        need(self.embed_batch_tokens >= 1, "--embed-batch-tokens", "must be >= 1")
+        need(self.embed_batch_tokens >= 0, "--embed-batch-tokens", "must be >= 0 (0: by device)")
+        need(self.embed_streams >= 0, "--embed-streams", "must be >= 0 (0: one per CPU thread)")
         need(self.embed_precision in ("auto", "bf16", "fp16", "fp32"), "--embed-precision",
              "choose from auto, bf16, fp16, fp32")
         need(self.embed_threads >= 0, "--embed-threads", "must be >= 0")

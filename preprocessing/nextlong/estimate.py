@@ -123,11 +123,13 @@ def measure_sample(cfg, sample_docs: int = 2000, measure_throughput: bool = True
         "read_chunk_tokenize_seconds": round(chunk_tok_s, 4),
     }
     if cfg.embedder != "hashing":
-        from .embedding import token_budget_batches
+        from .embedding import resolve_batch_tokens, token_budget_batches
 
         capped = np.minimum(lengths, max_tokens) if max_tokens else lengths
-        padded = sum(len(b) * int(capped[b].max()) for b in token_budget_batches(capped, cfg.embed_batch_tokens,
+        budget = resolve_batch_tokens(cfg.embed_batch_tokens, "cpu" if embed_on_cpu else "cuda")
+        padded = sum(len(b) * int(capped[b].max()) for b in token_budget_batches(capped, budget,
                                                                                  cfg.embed_batch_size))
+        sample["embed_batch_tokens"] = budget
         sample["embed_tokens_per_chunk"] = float(capped.mean())
         sample["embed_padding_waste"] = 1.0 - float(capped.sum()) / max(1, padded)
         sample["embed_truncated_share"] = float((lengths > max_tokens).mean()) if max_tokens else 0.0
@@ -154,7 +156,7 @@ def _measure_embedder_cpu(cfg, texts: list[str], n: int) -> dict:
     try:
         emb = make_embedder(cfg.embedder, cfg.seed, cfg.embedding_dim, cfg.embed_batch_size, device="cpu",
                             trust_remote_code=cfg.trust_remote_code, precision=cfg.embed_precision,
-                            batch_tokens=cfg.embed_batch_tokens, threads=cfg.embed_threads)
+                            batch_tokens=cfg.embed_batch_tokens, threads=cfg.embed_threads, streams=cfg.embed_streams)
     except (ImportError, ValueError) as e:
         log.warning("estimate: the embedder is not measured on this CPU (%s)", e)
         return {}
@@ -468,6 +470,9 @@ def estimate_from_sample(cfg, sample: dict, *, documents: int | None = None, chu
         if embedder_max_tokens is None:
             embedder_max_tokens = sample.get("embedder_max_tokens_measured")
         on_gpu = gpus > 0
+        from .embedding import resolve_batch_tokens
+
+        budget = resolve_batch_tokens(cfg.embed_batch_tokens, "cuda" if on_gpu else "cpu")
         prec = cfg.embed_precision
         if prec == "auto":
             prec = "bf16" if on_gpu else sample.get("embedder_cpu_precision", "auto (bf16 where the CPU has it)")
@@ -487,9 +492,9 @@ def estimate_from_sample(cfg, sample: dict, *, documents: int | None = None, chu
                                        f"embedder's max tokens ({embedder_max_tokens or 'unknown'})")
         emb["padding_waste"] = _fig(waste, "fraction",
                                     f"1 - tokens / padded tokens, chunks sorted by length and packed into "
-                                    f"--embed-batch-tokens {cfg.embed_batch_tokens:,} batches",
+                                    f"--embed-batch-tokens {budget:,} batches",
                                     "measured on the sample" if "embed_padding_waste" in sample else "assumed 0")
-        emb["batches"] = _fig(N * t_pad / cfg.embed_batch_tokens, "batches",
+        emb["batches"] = _fig(N * t_pad / budget, "batches",
                               "chunks * tokens per chunk / (1 - padding waste) / --embed-batch-tokens")
         assumptions.append("the embedder's tokenizer produces as many tokens per chunk as --tokenizer "
                            f"({t_chunk:.0f} measured); the embedder's own tokenizer is not run here")
@@ -532,7 +537,7 @@ def estimate_from_sample(cfg, sample: dict, *, documents: int | None = None, chu
                 assumptions.append(
                     f"embedding runs at MFU {mfu:g} of the {gpu} {kind} peak ({peak:g} TFLOP/s) in {prec} with "
                     f"fused attention (SDPA/flash: memory linear in length, FLOPs as counted), length-sorted "
-                    f"batches of {cfg.embed_batch_tokens:,} padded tokens with the measured padding waste, "
+                    f"batches of {budget:,} padded tokens with the measured padding waste, "
                     "tokenization overlapped with compute (no data-loading stall), one task per GPU")
         elif "embedder_cpu_chunks_per_second" in sample:
             r = sample["embedder_cpu_chunks_per_second"]

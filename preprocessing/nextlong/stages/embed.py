@@ -93,7 +93,7 @@ def embedder(ctx: Ctx):
         ctx.memo["embedder"] = make_embedder(cfg.embedder, HASHING_SEED, cfg.embedding_dim, cfg.embed_batch_size,
                                              device=device, trust_remote_code=cfg.trust_remote_code,
                                              precision=cfg.embed_precision, batch_tokens=cfg.embed_batch_tokens,
-                                             threads=threads)
+                                             threads=threads, streams=cfg.embed_streams)
     return ctx.memo["embedder"]
 
 
