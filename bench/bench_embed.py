@@ -4,9 +4,11 @@
 
 (a) baseline: ``transformers.AutoModel`` in float32 with the model's own pooling (``1_Pooling/config.json``)
     and L2 normalization, texts sorted by length (longest first) in batches of 64, truncated at the model's
-    ``max_seq_length`` (``sentence_bert_config.json``), as a straightforward implementation would do;
+    ``max_seq_length`` (``sentence_bert_config.json``, or the tokenizer's ``model_max_length`` in newer
+    sentence-transformers saves), as a straightforward implementation would do;
 (b) the pipeline's embed stage with its defaults (:class:`nextlong.embedding.SentenceTransformerEmbedder`),
-    its vectors read back from the float16 store the stage writes.
+    its vectors read back from the float16 store the stage writes; ``--embed-batch-tokens`` and
+    ``--embed-streams`` change those two settings for ablations.
 
 The chunks are split into ``--blocks`` consecutive blocks and each block is timed under (a) and (b) back to
 back, alternating which goes first (ABBA...), so that load from other processes on a shared machine falls on
@@ -64,8 +66,10 @@ class PlainLoop:
         self.tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
         self.model = AutoModel.from_pretrained(model_dir, local_files_only=True).to(device).eval()
         st_cfg = d / "sentence_bert_config.json"
-        self.max_len = (json.loads(st_cfg.read_text())["max_seq_length"] if st_cfg.exists()
-                        else min(self.tok.model_max_length, self.model.config.max_position_embeddings))
+        # sentence-transformers' own limit: sentence_bert_config.json (older saves) or the tokenizer's
+        # model_max_length (newer saves), never beyond the position table
+        st_max = json.loads(st_cfg.read_text()).get("max_seq_length") if st_cfg.exists() else None
+        self.max_len = st_max or min(self.tok.model_max_length, self.model.config.max_position_embeddings)
         self.pooling = "mean"
         modules = d / "modules.json"
         if modules.exists():
@@ -116,8 +120,11 @@ def run_device(args, chunks: list[str], device: str) -> dict:
     load_a = time.perf_counter() - t0
     t0 = time.perf_counter()
     ours = make_embedder(args.embedder, seed=0, batch_size=defaults.embed_batch_size, device=device,
-                         precision=defaults.embed_precision, batch_tokens=defaults.embed_batch_tokens,
-                         threads=defaults.embed_threads, streams=defaults.embed_streams)
+                         precision=defaults.embed_precision,
+                         batch_tokens=defaults.embed_batch_tokens if args.embed_batch_tokens is None
+                         else args.embed_batch_tokens,
+                         threads=defaults.embed_threads,
+                         streams=defaults.embed_streams if args.embed_streams is None else args.embed_streams)
     load_b = time.perf_counter() - t0
     log.info("%s: models loaded (plain %.1f s, stage %.1f s); stage settings %s", device, load_a, load_b,
              ours.describe())
@@ -169,6 +176,10 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--granularity", type=int, default=2048, help="maximum characters per chunk (as --granularity)")
     p.add_argument("--queries", type=int, default=1000, help="query chunks of the top-10 overlap")
     p.add_argument("--blocks", type=int, default=8, help="interleaved timing blocks (ABBA order)")
+    p.add_argument("--embed-batch-tokens", type=int,
+                   help="the stage's --embed-batch-tokens, for ablations (default: the stage's default)")
+    p.add_argument("--embed-streams", type=int,
+                   help="the stage's --embed-streams, for ablations (default: the stage's default)")
     p.add_argument("--json", help="also write the figures to this JSON file")
     args = p.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
@@ -189,7 +200,8 @@ def main(argv: list[str] | None = None) -> int:
     for r in results:
         st = r["stage_stats"]
         print(f"[{r['device']}] {r['chunks']} chunks, {r['queries']} queries; stage: {r['stage']['precision']}, "
-              f"{r['stage']['batch_tokens']} tokens/batch, attention {r['stage']['attention']}, "
+              f"{r['stage']['batch_tokens']} tokens/batch, {r['stage']['streams']} batch stream(s), "
+              f"attention {r['stage']['attention']}, "
               f"max_seq_length {r['stage']['max_seq_length']}, "
               f"fused modules {r['stage'].get('fused_modules') or 'none'}")
         print(f"[{r['device']}] stage stats: duplicates {st['duplicates']}, truncated {st['truncated']} "

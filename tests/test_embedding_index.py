@@ -347,3 +347,29 @@ def test_manifest_records_how_the_embedder_ran(tmp_path, tiny_st, docs_corpus, s
     assert 0 < rec["truncated"] <= rec["unique"]
     assert rec["truncated_share"] == round(rec["truncated"] / rec["unique"], 4)
     assert 0.0 <= rec["padding_waste"] < 1.0
+
+
+def test_bench_embed_runs_both_sides_and_prints_the_summary_line(tiny_st, docs_corpus, tmp_path, capsys):
+    """``bench/bench_embed.py`` on a tiny model: the plain loop and the stage embed the same chunks, the last
+    line has the issue's format, the figures agree with the JSON it writes, and a missing path exits 2."""
+    import importlib.util
+    import json
+    import re
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "bench" / "bench_embed.py"
+    spec = importlib.util.spec_from_file_location("bench_embed_under_test", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    out_json = tmp_path / "r.json"
+    assert bench.main(["--embedder", str(tiny_st), "--input", str(docs_corpus), "--max-chunks", "120",
+                       "--granularity", "256", "--queries", "40", "--blocks", "2", "--json", str(out_json)]) == 0
+    lines = capsys.readouterr().out.strip().splitlines()
+    m = re.fullmatch(r"speed-up: (\d+\.\d\d)×  cosine: (0\.\d{4}|1\.0000)  top-10 overlap: (\d\.\d{3})", lines[-1])
+    assert m, lines[-1]
+    r = json.loads(out_json.read_text())[0]
+    assert r["chunks"] == 120 and r["queries"] == 40 and r["stage_stats"]["chunks"] == 120
+    assert float(m.group(1)) == pytest.approx(r["speedup"], abs=0.006)
+    # the same tiny model on both sides: the vectors agree (bf16 or fp32 against fp32)
+    assert r["cosine"] > 0.99 and r["overlap"] > 0.8
+    assert bench.main(["--embedder", str(tmp_path / "missing"), "--input", str(docs_corpus)]) == 2
