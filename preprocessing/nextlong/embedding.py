@@ -6,8 +6,9 @@
 * anything else: a sentence-transformers model by local path (or a name already in the local cache;
   nothing is downloaded: ``HF_HUB_OFFLINE`` is honoured and ``local_files_only`` is set), run by
   :meth:`SentenceTransformerEmbedder.encode`: exact duplicates embedded once, each text tokenized once, texts
-  packed into token-budget batches by token count, bf16 where the device has it natively (on CPU with the
-  linear layers fused, :mod:`nextlong.embed_fused`), the next batch prepared while the current one runs,
+  packed into token-budget batches by token count (by default 16,384 tokens on a GPU, 4,096 on a CPU), bf16
+  where the device has it natively (on CPU with the linear layers fused, :mod:`nextlong.embed_fused`), on a
+  CPU one batch per thread at a time, on a GPU the next batch prepared while the current one runs,
   truncation at the model's ``max_seq_length`` counted. The paper's README names
   jina-embeddings-v3.
 
