@@ -238,8 +238,6 @@ class SentenceTransformerEmbedder(Embedder):
                 f"--embedder {model}: sentence-transformers embedding needs the 'st' extra "
                 "(pip install torch==2.13.0 && pip install -e '.[st]')"
             ) from e
-        if batch_tokens < 0:
-            raise ValueError(f"--embed-batch-tokens: must be >= 0 (0: by device), got {batch_tokens}")
         if batch_size < 1:
             raise ValueError(f"--embed-batch-size: must be >= 1, got {batch_size}")
         if threads < 0:
@@ -249,6 +247,7 @@ class SentenceTransformerEmbedder(Embedder):
         if threads:
             torch.set_num_threads(threads)
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+        self.batch_tokens = resolve_batch_tokens(batch_tokens, self.device)  # refused before the model loads
         self.precision = resolve_precision(precision, self.device)
         try:
             self.model = SentenceTransformer(model, device=self.device, local_files_only=True,
@@ -276,7 +275,6 @@ class SentenceTransformerEmbedder(Embedder):
         get_dim = getattr(self.model, "get_embedding_dimension", None) or self.model.get_sentence_embedding_dimension
         self.dim = int(get_dim())
         self.batch_size = batch_size
-        self.batch_tokens = resolve_batch_tokens(batch_tokens, self.device)
         self.max_seq_length = int(self.model.max_seq_length)
         self.threads = torch.get_num_threads()
         # batches run at once: on a CPU one per torch thread by default (at most that many), on a GPU one
@@ -435,8 +433,10 @@ class SentenceTransformerEmbedder(Embedder):
             stats["tokens"] += int(used.sum())
             batches = token_budget_batches(used, self.batch_tokens, self.batch_size)
             buf = np.zeros((len(wt), self.dim), dtype=np.float32)
-            run = self._run_streams if self.streams > 1 else self._run_one
-            run(batches, wt, ids, buf, stats, progress, overlap)
+            if self.streams > 1:
+                self._run_streams(batches, wt, ids, buf, stats, progress)
+            else:
+                self._run_one(batches, wt, ids, buf, stats, progress, overlap)
             pos = by_unique[bounds[w] : bounds[w + 1]]
             out[pos] = buf[inverse[pos] - w0]
             if progress is not None and len(pos) > len(wt):
@@ -477,8 +477,8 @@ class SentenceTransformerEmbedder(Embedder):
                 if progress is not None:
                     progress(len(rows))
 
-    def _run_streams(self, batches: list[np.ndarray], wt: list[str], ids, buf: np.ndarray, stats: dict, progress,
-                     overlap: bool) -> None:
+    def _run_streams(self, batches: list[np.ndarray], wt: list[str], ids, buf: np.ndarray, stats: dict,
+                     progress) -> None:
         """``streams`` batches at once on a CPU, each on ``threads // streams`` torch threads of its own: the
         cores do not wait for each other inside every op, and each keeps its own batch's activations in its
         cache (all-MiniLM-L6-v2, 2 cores, bf16: 1.3-1.5x the forward passes of one 2-thread batch at a time).
